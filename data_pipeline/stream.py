@@ -1,0 +1,240 @@
+"""The dataset the trainer streams: exact per-rank batches, seeded order, resumable mid-epoch.
+
+`ShardStream` runs inside DataLoader workers and yields whole batches; `StreamLoader`
+wraps the DataLoader in the main process, counts the batches it hands out and turns that
+count into a `state_dict()` (see `plan.py` for why the count is enough).
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import BinaryIO, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.decode import BadSample
+from data_pipeline.plan import Generation, current_pieces, slot_order
+from data_pipeline.shards import ShardCursor
+from data_pipeline.storage import open_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: list[str]
+    lengths: list[int]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.lengths)
+
+
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
+@dataclass
+class _Cursor:
+    """Read position of one slot: the global-order index -> (shard, offset) map of an epoch."""
+
+    shards: ShardSet
+    order: np.ndarray  # shard permutation of the epoch
+    opener: Callable[[str], BinaryIO]
+
+    def __post_init__(self):
+        self.starts = np.concatenate([[0], np.cumsum(np.asarray(self.shards.lengths)[self.order])])
+        self.open: ShardCursor | None = None
+
+    def read(self, positions: np.ndarray) -> list:
+        """Raw samples at `positions`, read run by run (runs of consecutive positions)."""
+        out: list = []
+        i = 0
+        while i < len(positions):
+            j = i + 1
+            while j < len(positions) and positions[j] == positions[j - 1] + 1:
+                j += 1
+            start, end = int(positions[i]), int(positions[j - 1]) + 1
+            while start < end:  # a run may cross shard boundaries
+                k = int(np.searchsorted(self.starts, start, "right")) - 1
+                url = self.shards.urls[int(self.order[k])]
+                take = min(end, int(self.starts[k + 1])) - start
+                if self.open is None or self.open.url != url:
+                    self.close()
+                    self.open = ShardCursor(url, self.opener)
+                out.extend(self.open.read(start - int(self.starts[k]), take))
+                start += take
+            i = j
+        return out
+
+    def close(self) -> None:
+        if self.open is not None:
+            self.open.close()
+            self.open = None
+
+
+class ShardStream(IterableDataset):
+    def __init__(
+        self,
+        shards: ShardSet,
+        decode: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        max_bad_fraction: float,
+        opener: Callable[[str], BinaryIO] = open_url,
+    ):
+        self.shards, self.decode, self.opener = shards, decode, opener
+        self.rank, self.seed, self.buffer = rank, seed, shuffle_buffer
+        self.max_bad_fraction = max_bad_fraction
+        self.epoch = 0
+        self.generations = [Generation(world_size, max(num_workers, 1), batch_size)]
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.urls))
+
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields in the current generation (the same on every rank)."""
+        gen = self.generations[-1]
+        pieces = current_pieces(self.shards.num_samples, seed=self.seed, epoch=self.epoch, generations=self.generations, buffer=self.buffer)
+        return pieces[0].length // gen.batch * gen.workers if pieces else 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        info = get_worker_info()
+        gen = self.generations[-1]
+        worker = info.id if info is not None else 0
+        slot = self.rank * gen.workers + worker
+        g = len(self.generations) - 1
+        pieces = current_pieces(self.shards.num_samples, seed=self.seed, epoch=self.epoch, generations=self.generations, buffer=self.buffer)
+        key = (self.seed, self.epoch, g, slot)
+        cursor = _Cursor(self.shards, self.shard_order(self.epoch), self.opener)
+        bad: Counter = Counter()
+        seen = 0
+        last_good = None
+        pending = 0  # bad samples before the first good one, filled once one arrives
+        images, targets = [], []
+        torch.manual_seed(hash(key) & 0x7FFFFFFF)  # augmentation randomness per slot
+        try:
+            for positions, order, first in slot_order(pieces[slot], skip=gen.slot_consumed(slot), buffer=self.buffer, key=key):
+                raw = cursor.read(positions)
+                for idx in order[first:]:
+                    sample = raw[idx]
+                    seen += 1
+                    try:
+                        if isinstance(sample, Exception):
+                            raise BadSample("truncated_shard", str(sample))
+                        item = self.decode(sample)
+                    except BadSample as err:
+                        bad[err.reason] += 1
+                        log.warning("skipping sample: %s", err)
+                        if sum(bad.values()) > max(self.max_bad_fraction * seen, 0) and seen >= 20:
+                            raise TooManyBadSamples(
+                                f"{sum(bad.values())} of {seen} samples bad ({dict(bad)}) on slot {slot}, over "
+                                f"data.max_corrupt_fraction={self.max_bad_fraction}; last: {err}"
+                            ) from None
+                        if last_good is None:
+                            pending += 1
+                            continue
+                        item = last_good  # substitute keeps every rank's batch count equal
+                    last_good = item
+                    for _ in range(pending + 1):
+                        images.append(item[0])
+                        targets.append(item[1])
+                    pending = 0
+                    while len(images) >= gen.batch:
+                        yield torch.stack(images[: gen.batch]), torch.stack(targets[: gen.batch]), dict(bad)
+                        images, targets = images[gen.batch :], targets[gen.batch :]
+            if pending:
+                raise TooManyBadSamples(f"slot {slot} found no decodable sample ({dict(bad)})")
+        finally:
+            cursor.close()
+
+
+class StreamLoader:
+    """Infinite iterator of (images, targets) across epochs, with a resumable state."""
+
+    def __init__(self, stream: ShardStream, num_workers: int):
+        self.stream, self.num_workers = stream, num_workers
+        self.bad_counts: Counter = Counter()
+        self._worker_bad: dict[int, dict] = {}
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.stream.seed,
+            "epoch": self.stream.epoch,
+            "generations": [g.as_dict() for g in self.stream.generations],
+            "bad_counts": dict(self.bad_counts),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.stream.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, config has {self.stream.seed}")
+        gens = [Generation(**g) for g in state["generations"]]
+        now = self.stream.generations[-1]
+        last = gens[-1]
+        if (last.world, last.workers, last.batch) != (now.world, now.workers, now.batch) and last.consumed_batches:
+            gens.append(replace(now, consumed_batches=0))  # new shape: continue over what is left
+        elif (last.world, last.workers, last.batch) != (now.world, now.workers, now.batch):
+            gens[-1] = replace(now, consumed_batches=0)
+        self.stream.epoch = state["epoch"]
+        self.stream.generations = gens
+        self.bad_counts = Counter(state.get("bad_counts", {}))
+
+    def _count(self, n: int) -> None:
+        gens = self.stream.generations
+        gens[-1] = replace(gens[-1], consumed_batches=gens[-1].consumed_batches + n)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            loader = DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers,
+                persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+            )
+            base = Counter(self.bad_counts)
+            done = self.stream.generations[-1].consumed_batches
+            for i, (images, targets, bad) in enumerate(loader):
+                self._worker_bad[(done + i) % self.stream.generations[-1].workers] = bad
+                self.bad_counts = base + sum((Counter(b) for b in self._worker_bad.values()), Counter())
+                self._count(1)
+                yield images, targets
+            self._worker_bad.clear()
+            gen = self.stream.generations[-1]
+            self.stream.epoch += 1
+            self.stream.generations = [Generation(gen.world, gen.workers, gen.batch)]
+
+
+def open_shard_set(pattern: str) -> ShardSet:
+    """Expand a URL pattern and take each shard's sample count from `_info.json` beside it."""
+    import json
+    import posixpath
+
+    from data_pipeline.shards import iter_tar_samples
+    from data_pipeline.storage import expand_urls
+
+    urls = expand_urls(pattern)
+    if not urls:
+        raise ValueError(f"data URL pattern {pattern!r} names no shards")
+    lengths: dict[str, int] = {}
+    info_url = posixpath.join(posixpath.dirname(urls[0]), "_info.json")
+    try:
+        with open_url(info_url) as f:
+            info = json.load(f)
+        for split in info.get("splits", {}).values():
+            lengths.update(zip(split["filenames"], split["shard_lengths"]))
+    except FileNotFoundError:
+        pass
+    counts = []
+    for url in urls:
+        name = posixpath.basename(url)
+        if name not in lengths:  # shards written by other tools: count once by reading
+            with open_url(url) as f:
+                lengths[name] = sum(1 for _ in iter_tar_samples(f, url))
+        counts.append(lengths[name])
+    return ShardSet(urls, counts)

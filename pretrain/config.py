@@ -1,0 +1,151 @@
+"""Typed configuration, one model per component, validated once at the edge.
+
+A recipe is a YAML file; any field can be overridden from the CLI as `key.sub=value`
+(the value is parsed as YAML, so `train.steps=100` is an int and `data.urls=[a,b]` a list).
+An unknown key or a wrong type fails before any work, naming the key and the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the shards are and how a rank streams them."""
+
+    train_urls: str
+    val_urls: str | None = None
+    batch_size: int = Field(64, gt=0, description="micro-batch per rank")
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(1000, gt=0)
+    seed: int = 0
+    image_size: int = Field(224, gt=0)
+    label_mode: Literal["single", "multi"] = "single"
+    num_classes: int = Field(gt=0)
+    augment: Literal["none", "flip", "inception"] = "flip"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_corrupt_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class ModelConfig(_Strict):
+    name: str
+    grad_checkpointing: bool = False
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor args")
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["linear", "cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class EngineConfig(_Strict):
+    """DeepSpeed settings; `deepspeed_json` entries override the generated config."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(1, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    deepspeed_json: str | None = None
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(gt=0)
+    objective: Literal["softmax_xent", "sigmoid_xent"] = "softmax_xent"
+    log_every: int = Field(10, gt=0)
+    ckpt_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_last: int = Field(2, gt=0)
+    output_dir: str = "runs/pretrain"
+    resume: bool = False
+    eval_every: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "vitscale"
+    run_name: str | None = None
+    parent_run_id: str | None = None
+
+
+class PretrainConfig(_Strict):
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    engine: EngineConfig = EngineConfig()
+    train: TrainConfig
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run: the message names the file and the key."""
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`, values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a field below the scalar {part!r}")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def load_config(cls: type[C], path: str | Path, overrides: list[str] | None = None) -> C:
+    """Read YAML `path`, apply `key.sub=value` overrides, validate into `cls`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; recipes live in configs/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"  {key}: {what}")
+        raise ConfigError(f"invalid config {path}:\n" + "\n".join(problems)) from None
+
+
+def dump_config(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")
