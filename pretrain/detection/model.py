@@ -1,0 +1,62 @@
+"""A pretrained backbone's patch tokens as a feature map under DETR's head, and its training objective."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pretrain.detection.data import unpack_targets
+from pretrain.detection.head import DETRHead
+from pretrain.detection.losses import SetCriterion
+
+
+def build_backbone(*, checkpoint: str | None, model: str | None, kwargs: dict) -> tuple[nn.Module, dict]:
+    """An exported model (with its sidecar meta) or a fresh registry model, classifier removed."""
+    if checkpoint is not None:
+        from pretrain.export import load_exported
+
+        backbone, meta = load_exported(checkpoint)
+    else:
+        from pretrain.models import build_model
+
+        backbone, meta = build_model(model, num_classes=0, **kwargs), {}
+    backbone.reset_classifier(0)  # unused weights would get no gradient
+    return backbone.train(), meta
+
+
+def resize_backbone(backbone: nn.Module, image_size: int) -> tuple[int, int]:
+    """Set a timm ViT's input size, resampling its position embeddings; returns the patch grid."""
+    if not hasattr(backbone, "set_input_size") or not hasattr(backbone, "patch_embed"):
+        raise TypeError(f"{type(backbone).__name__} is not a timm ViT-style model (no set_input_size/patch_embed)")
+    backbone.set_input_size(img_size=(image_size, image_size))
+    return tuple(backbone.patch_embed.grid_size)
+
+
+class Detector(nn.Module):
+    """images (B, 3, S, S) -> {"logits", "boxes", "aux": [per earlier decoder layer]}."""
+
+    def __init__(self, backbone: nn.Module, head: DETRHead, grid: tuple[int, int]):
+        super().__init__()
+        self.backbone, self.head, self.grid = backbone, head, grid
+        self.train_backbone = True  # False: features under no_grad (the frozen first steps)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            tokens = self.backbone.forward_features(images)
+        return tokens[:, self.backbone.num_prefix_tokens:]  # drop class/register tokens
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.head(self.features(images), self.grid)
+
+
+class DetectionObjective(nn.Module):
+    """(images, packed targets) -> (loss, metrics): the module DeepSpeed wraps."""
+
+    def __init__(self, detector: Detector, criterion: SetCriterion, *, aux_loss: bool = True):
+        super().__init__()
+        self.detector, self.criterion, self.aux_loss = detector, criterion, aux_loss
+
+    def forward(self, images: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = self.detector(images)
+        if not self.aux_loss:
+            outputs = {**outputs, "aux": []}
+        return self.criterion(outputs, unpack_targets(packed))
