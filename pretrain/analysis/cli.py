@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="shard URL pattern, e.g. 'dir/val-{000000..000001}.tar'")
     parser.add_argument("--compare", default=None,
                         help="second model for cross-model CKA: an exported .safetensors, or timm:NAME "
-                             "(timm architecture with random weights, e.g. timm:resnet50)")
+                             "(timm architecture with random weights, fed images at --model's size, e.g. timm:resnet50)")
     parser.add_argument("--num-images", type=int, default=256, help="images read from the start of the shards")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rollout-images", type=int, default=8, help="images in the attention rollout figure")
@@ -69,7 +69,7 @@ def summary_metrics(result: Analysis) -> dict[str, list[float]]:
     return series
 
 
-def write_outputs(result: Analysis, out: Path, *, name: str, reference: str | None) -> list[Path]:
+def write_outputs(result: Analysis, out: Path, *, name: str, reference: str | None, cka_estimator: str) -> list[Path]:
     """PNGs and analysis.json (written to a temp name, then renamed)."""
     files = [
         plot_attention_distance(result.attention_distance, out / "attention_distance.png", title=name),
@@ -84,6 +84,7 @@ def write_outputs(result: Analysis, out: Path, *, name: str, reference: str | No
     report = {
         "model": name,
         "num_images": result.num_images,
+        "cka_estimator": cka_estimator,
         "attention_distance": {"layers": result.attention_layers, "pixels": result.attention_distance},
         "cka": {"layers": result.layers, "matrix": result.cka.tolist()},
     }
@@ -111,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
         reference=reference, cka_estimator=args.cka_estimator, rollout_images=args.rollout_images,
         device=args.device, total_batches=math.ceil(args.num_images / args.batch_size),
     )
-    files = write_outputs(result, out, name=subject.name, reference=reference.name if reference else None)
+    files = write_outputs(result, out, name=subject.name, reference=reference.name if reference else None,
+                          cka_estimator=args.cka_estimator)
 
     tracker = build_tracker(is_main=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
                             run_name=args.run_name or f"analyze-{Path(args.model).stem}", tags={"command": "analyze"})

@@ -52,6 +52,7 @@ def test_analyze_writes_figures_numbers_and_an_mlflow_run(setup):
             assert img.format == "PNG" and img.width > 100 and img.height > 100
 
     report = json.loads((out / "analysis.json").read_text())
+    assert report["cka_estimator"] == "minibatch"
     assert report["num_images"] == 10  # a last batch of 2 is analysed too (CKA leaves it out)
     assert report["attention_distance"]["layers"] == [f"blocks.{i}.attn" for i in range(4)]
     distances = np.array(report["attention_distance"]["pixels"])

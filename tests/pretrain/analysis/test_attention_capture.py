@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pretrain.analysis.capture import attention_modules, capture_attention, capture_representations, recording
+from pretrain.analysis.cka import MinibatchCKA
 from pretrain.analysis.run import Subject, analyze, batched
 from pretrain.models import MODELS, build_model
 
@@ -84,5 +85,11 @@ def test_analysis_pass_on_each_model_against_a_resnet(name):
     np.testing.assert_allclose(result.cka, result.cka.T, atol=1e-9)
     assert result.cka_cross.shape == (layers, 9) and np.isfinite(result.cka_cross).all()
     assert (np.abs(result.cka_cross) <= 1 + 1e-9).all()
+    # The pass pairs each batch's layers of both models as a direct computation does.
+    direct = MinibatchCKA()
+    for batch in batched(images, 4):
+        direct.update(capture_representations(model, subject.batch(batch, "cpu")),
+                      capture_representations(reference.model, reference.batch(batch, "cpu")))
+    np.testing.assert_allclose(result.cka_cross, direct.compute().numpy(), atol=1e-6)
     assert result.rollout_images.shape == (3, 3, size, size)
     assert result.rollout_maps.shape[0] == 3 and result.rollout_maps.min() >= 0 and result.rollout_maps.max() == 1

@@ -74,10 +74,10 @@ def test_unbiased_hsic_matches_song_et_al():
 
 
 def test_minibatch_estimator_agrees_with_the_full_one():
-    feats = layered_features(2048, seed=4)
+    feats = layered_features(1024, seed=4)
     full = FullBatchCKA(unbiased=True)
     mini = MinibatchCKA()
-    for i in range(0, 2048, 128):
+    for i in range(0, 1024, 128):
         batch = [f[i : i + 128] for f in feats]
         full.update(batch)
         mini.update(batch)
