@@ -1,0 +1,41 @@
+"""Every tiny registry variant, and vit_demo / r_vit_demo with each of the ViT paper's options."""
+import pytest
+
+from pretrain.models import MODELS, export_spec
+
+VIT_OPTIONS = {
+    "pos_2d": dict(pos_embed="2d"),
+    "pos_rel": dict(pos_embed="rel"),
+    "pos_none": dict(pos_embed="none"),
+    "gap": dict(class_token=False),
+    "gpsa": dict(gpsa_blocks=2),
+    "gpsa_gap": dict(gpsa_blocks=2, global_pool="avg", locality_strength=2.0),
+    "pre_logits": dict(pre_logits_size=32),
+}
+TINY_CASES = (
+    [(name, {}) for name, spec in MODELS.items() if spec.tiny]
+    + [("vit_demo", options) for options in VIT_OPTIONS.values()]
+    + [("r_vit_demo", dict(pos_embed="2d", pre_logits_size=32)), ("r_vit_demo", dict(class_token=False))]
+)
+TIMM_BACKED_CASES = [(n, o) for n, o in TINY_CASES if export_spec(n, **o)["timm_name"] is not None]
+OWN_CASES = [(n, o) for n, o in TINY_CASES if export_spec(n, **o)["timm_name"] is None]
+
+
+def _case_id(case):
+    name, options = case
+    return "-".join([name, *(f"{k}={v}" for k, v in options.items())])
+
+
+@pytest.fixture(params=TINY_CASES, ids=_case_id)
+def tiny_case(request):
+    return request.param
+
+
+@pytest.fixture(params=TIMM_BACKED_CASES, ids=_case_id)
+def timm_backed_case(request):
+    return request.param
+
+
+@pytest.fixture(params=OWN_CASES, ids=_case_id)
+def own_case(request):
+    return request.param
