@@ -120,13 +120,15 @@ class ShardStream(IterableDataset):
         last_good = None
         pending = 0  # bad samples before the first good one, filled once one arrives
         images, targets = [], []
-        torch.manual_seed(hash(key) & 0x7FFFFFFF)  # augmentation randomness per slot
         try:
             for positions, order, first in slot_order(pieces[slot], skip=gen.slot_consumed(slot), buffer=self.buffer, key=key):
                 raw = cursor.read(positions)
                 for idx in order[first:]:
                     sample = raw[idx]
                     seen += 1
+                    # Augmentation drawn from the sample's place in the epoch: a resumed run
+                    # augments each remaining sample exactly as an uninterrupted one would.
+                    torch.manual_seed(hash((self.seed, self.epoch, int(positions[idx]))) & 0x7FFFFFFF)
                     try:
                         if isinstance(sample, Exception):
                             raise BadSample("truncated_shard", str(sample))

@@ -149,3 +149,27 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | None = No
 
 def dump_config(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
+
+
+class TransferDataConfig(_Strict):
+    name: str = Field(description="a data set of pretrain.datasets: digits, cifar10, ...")
+    root: str | None = Field(None, description="folder of the data set's official files")
+    image_size: int = Field(gt=0, description="fine-tuning resolution; position embeddings are resampled")
+    batch_size: int = Field(64, gt=0, description="micro-batch per rank")
+    num_workers: int = Field(0, ge=0)
+    augment: Literal["none", "flip", "inception"] = "flip"
+    dev_fraction: float = Field(0.1, gt=0, lt=1, description="held out of train to choose the lr")
+
+
+class TransferConfig(_Strict):
+    """Fine-tuning recipe of the ViT paper (App. B.1.1): zero-init head, SGD, cosine, clip 1."""
+
+    model: str = Field(description="exported .safetensors of a pretraining run")
+    data: TransferDataConfig
+    optim: OptimConfig = OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, decay="cosine")
+    lr_grid: list[float] = Field(default_factory=list, description="chosen on the dev split when given")
+    engine: EngineConfig = EngineConfig(zero_stage=0)
+    steps: int = Field(gt=0)
+    seed: int = 0
+    output_dir: str = "runs/transfer"
+    tracking: TrackingConfig = TrackingConfig()

@@ -1,0 +1,35 @@
+"""`python -m pretrain <command> ...`: each command is a module with `add_arguments` and `main`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Imported lazily: `python -m pretrain fewshot` should not pay for DeepSpeed's import.
+COMMANDS = {
+    "train": ("pretrain.train", "pretrain a model from a YAML recipe (DeepSpeed ZeRO)"),
+    "export": ("pretrain.export", "export a training checkpoint to one safetensors file"),
+    "fewshot": ("pretrain.fewshot_cli", "few-shot linear evaluation of an exported model"),
+    "transfer": ("pretrain.transfer", "fine-tune an exported model on a labelled data set"),
+    "report": ("pretrain.report", "table of transfer and few-shot results from MLflow"),
+    "analyze": ("pretrain.analysis.cli", "attention distance, CKA and attention maps of a model"),
+    "detect": ("pretrain.detection.cli", "DETR-style detection transfer of a pretrained backbone"),
+    "demo": ("pretrain.demo", "the whole path on Fashion-MNIST and digits, on CPU"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m pretrain {" + ",".join(COMMANDS) + "} ...\n", file=sys.stderr)
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:10s} {help_}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    parser = argparse.ArgumentParser(prog=f"python -m pretrain {argv[0]}", description=COMMANDS[argv[0]][1])
+    module.add_arguments(parser)
+    return module.main(parser.parse_args(argv[1:])) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

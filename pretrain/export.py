@@ -1,0 +1,138 @@
+"""Export a training checkpoint to one safetensors file (+ a JSON sidecar) and load it back.
+
+The weights are the backbone's alone, with timm's parameter names, so
+`timm.create_model(meta["timm_name"], **meta["timm_kwargs"])` loads them with strict=True
+wherever timm has the architecture; `load_exported` rebuilds every model of the project.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretrain.models import build_model, export_spec
+
+BACKBONE_PREFIX = "backbone."
+
+
+def sidecar_path(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_exported(state_dict: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> Path:
+    """Write weights and sidecar under temp names, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    side = sidecar_path(path)
+    side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    side_tmp.write_text(json.dumps({**meta, **export_spec(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))}, indent=1))
+    os.replace(tmp, path)
+    os.replace(side_tmp, side)
+    return path
+
+
+def load_exported(path: str | Path, *, device: str | torch.device = "cpu", image_size: int | None = None,
+                  num_classes: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the exported model (eval mode) and return it with its sidecar metadata.
+
+    `image_size` builds it for another resolution (position embeddings resampled in 2-D);
+    `num_classes` gives it a fresh head of that size (the old head's weights are dropped).
+    """
+    path = Path(path)
+    side = sidecar_path(path)
+    if not path.is_file() or not side.is_file():
+        raise FileNotFoundError(
+            f"exported model {path} (and its sidecar {side.name}) not found; "
+            "make one with `python -m pretrain export --checkpoint DIR --out FILE.safetensors`"
+        )
+    meta = json.loads(side.read_text())
+    kwargs = dict(meta.get("model_kwargs", {}))
+    resize = image_size is not None and image_size != meta["image_size"]
+    if resize:
+        kwargs["img_size"] = image_size
+        meta = {**meta, "image_size": image_size}
+    new_head = num_classes is not None and num_classes != meta["num_classes"]
+    model = build_model(meta["model"], num_classes=num_classes or meta["num_classes"], **kwargs)
+    state = load_file(str(path), device=str(device))
+    if new_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        meta = {**meta, "num_classes": num_classes}
+    if resize:
+        # timm's own converter resamples the position-embedding grid in 2-D, prefix tokens kept.
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (new_head and k.startswith("head."))]
+    if missing or unexpected:
+        raise KeyError(f"{path} does not fit model {meta['model']}: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval(), meta
+
+
+def backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the backbone's tensors of an objective's state dict, with the prefix removed."""
+    out = {k[len(BACKBONE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
+    if not out:
+        raise KeyError("checkpoint holds no 'backbone.' tensors: was it written by `python -m pretrain train`?")
+    return out
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from any ZeRO stage's checkpoint files."""
+    if zero_stage == 0:
+        # Stage 0 keeps whole weights in the model-states file; its contents are plain tensors and
+        # containers, so the safe loader reads it.
+        states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """`<output_dir>/checkpoints` (latest tag, or `tag`) -> safetensors + sidecar at `out`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if tag is None:
+        latest = checkpoint_dir / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file: is it a train.output_dir/checkpoints folder?")
+        tag = latest.read_text().strip()
+    meta_path = checkpoint_dir / tag / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} missing: {checkpoint_dir / tag} is not a complete checkpoint")
+    train_meta = json.loads(meta_path.read_text())
+    config = train_meta["config"]
+    state = backbone_state_dict(consolidated_state_dict(checkpoint_dir, tag, config["engine"]["zero_stage"]))
+    meta = {
+        "model": config["model"]["name"],
+        "model_kwargs": config["model"]["kwargs"],
+        "num_classes": config["data"]["num_classes"],
+        "image_size": config["data"]["image_size"],
+        "mean": config["data"]["mean"],
+        "std": config["data"]["std"],
+        "run_id": train_meta.get("run_id"),
+        "step": train_meta["step"],
+    }
+    return save_exported(state, out, meta, dtype)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="train.output_dir/checkpoints")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+
+
+def main(args: argparse.Namespace) -> int:
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    path = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=dtype)
+    print(f"exported {path} (+ {sidecar_path(path).name})")
+    return 0
