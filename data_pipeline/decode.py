@@ -38,7 +38,7 @@ class SampleDecoder:
 
     transform: T.Compose
     num_classes: int
-    label_mode: Literal["single", "multi"] = "single"
+    label_mode: Literal["single", "multi", "none"] = "single"
 
     def image(self, sample: dict) -> Image.Image:
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
@@ -52,6 +52,8 @@ class SampleDecoder:
             raise BadSample("undecodable", f"{sample['__url__']}:{sample['__key__']}: {err}") from None
 
     def target(self, sample: dict) -> torch.Tensor:
+        if self.label_mode == "none":  # self-supervised: labels, if any, are ignored
+            return torch.tensor(-1)
         where = f"{sample['__url__']}:{sample['__key__']}"
         try:
             if "cls" in sample:

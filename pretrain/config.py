@@ -10,29 +10,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Strict):
-    """Where the shards are and how a rank streams them."""
-
-    train_urls: str
-    val_urls: str | None = None
-    batch_size: int = Field(64, gt=0, description="micro-batch per rank")
-    num_workers: int = Field(0, ge=0)
-    shuffle_buffer: int = Field(1000, gt=0)
-    seed: int = 0
-    image_size: int = Field(224, gt=0)
-    label_mode: Literal["single", "multi"] = "single"
-    num_classes: int = Field(gt=0)
-    augment: Literal["none", "flip", "inception"] = "flip"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    max_corrupt_fraction: float = Field(0.01, ge=0, le=1)
+from data_pipeline.config import DataConfig, StrictConfig as _Strict
 
 
 class ModelConfig(_Strict):
@@ -64,7 +44,8 @@ class EngineConfig(_Strict):
 
 class TrainConfig(_Strict):
     steps: int = Field(gt=0)
-    objective: Literal["softmax_xent", "sigmoid_xent"] = "softmax_xent"
+    objective: str = Field("softmax_xent", description="a name of pretrain.objectives.OBJECTIVES")
+    objective_kwargs: dict[str, Any] = Field(default_factory=dict, description="the objective's keyword arguments")
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(0, ge=0, description="0: only at the end")
     keep_last: int = Field(2, gt=0)

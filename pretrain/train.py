@@ -14,29 +14,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipeline.decode import SampleDecoder, build_transform
-from data_pipeline.stream import ShardStream, StreamLoader, open_shard_set
+from data_pipeline.loader import build_loader
+from data_pipeline.stream import StreamLoader
 from pretrain.checkpoint import Checkpointer
-from pretrain.config import DataConfig, PretrainConfig, dump_config, load_config
+from pretrain.config import PretrainConfig, dump_config, load_config
 from pretrain.distributed import DistInfo, init_distributed, print0, shutdown
 from pretrain.engine import build_engine, train_step
 from pretrain.export import export_checkpoint
 from pretrain.models import build_model
 from pretrain.objectives import build_objective
 from pretrain.tracking import build_tracker
-
-
-def build_loader(data: DataConfig, dist_info: DistInfo, *, urls: str, train: bool) -> StreamLoader:
-    decoder = SampleDecoder(
-        build_transform(data.image_size, data.augment if train else "none", data.mean, data.std),
-        num_classes=data.num_classes, label_mode=data.label_mode,
-    )
-    stream = ShardStream(
-        open_shard_set(urls), decoder, batch_size=data.batch_size, rank=dist_info.rank,
-        world_size=dist_info.world_size, num_workers=data.num_workers, seed=data.seed,
-        shuffle_buffer=data.shuffle_buffer if train else 1, max_bad_fraction=data.max_corrupt_fraction,
-    )
-    return StreamLoader(stream, num_workers=data.num_workers)
 
 
 @torch.no_grad()
@@ -64,10 +51,10 @@ def memory_bytes(device: torch.device) -> int:
 
 def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    loader = build_loader(cfg.data, dist_info, urls=cfg.data.train_urls, train=True)
+    loader = build_loader(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, urls=cfg.data.train_urls, train=True)
     backbone = build_model(cfg.model.name, num_classes=cfg.data.num_classes, grad_checkpointing=cfg.model.grad_checkpointing, **cfg.model.kwargs)
     ds_engine = build_engine(
-        build_objective(cfg.train.objective, backbone), optim=cfg.optim, engine=cfg.engine,
+        build_objective(cfg.train.objective, backbone, **cfg.train.objective_kwargs), optim=cfg.optim, engine=cfg.engine,
         micro_batch=cfg.data.batch_size, total_steps=cfg.train.steps,
     )
     output_dir = Path(cfg.train.output_dir)
@@ -87,7 +74,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
     )
     if run_id is None:
         tracker.log_params(dump_config(cfg) | {"world_size": dist_info.world_size})
-    val_loader = build_loader(cfg.data, dist_info, urls=cfg.data.val_urls, train=False) if cfg.data.val_urls else None
+    val_loader = build_loader(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, urls=cfg.data.val_urls, train=False) if cfg.data.val_urls else None
 
     def save() -> None:
         meta = {"config": dump_config(cfg), "data": loader.state_dict(), "run_id": tracker.run_id, "world_size": dist_info.world_size}

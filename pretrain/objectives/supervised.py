@@ -1,31 +1,11 @@
-"""Training objectives: modules that wrap a backbone and return (loss, metrics).
-
-DeepSpeed wraps the objective module, so everything an objective trains (a decoder, a
-mask token) lives inside it; exports keep only `objective.backbone`.
-"""
+"""Supervised objectives: softmax cross-entropy (i21k-style) and sigmoid cross-entropy (JFT-style)."""
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OBJECTIVES: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_objective(name: str):
-    def wrap(cls):
-        OBJECTIVES[name] = cls
-        return cls
-
-    return wrap
-
-
-def build_objective(name: str, backbone: nn.Module, **kwargs) -> nn.Module:
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](backbone, **kwargs)
+from pretrain.objectives.registry import register_objective
 
 
 @register_objective("softmax_xent")
