@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-# DeepSpeed JIT-builds a small op on first init; keep the build cache between runs.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
 .PHONY: demo test install install-test system-deps clean
 
