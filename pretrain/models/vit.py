@@ -169,6 +169,8 @@ def resolve_vit(
         timm_kwargs.setdefault("global_pool", "avg")  # no token to pool: the paper's GAP classifier
     kwargs = dict(num_classes=num_classes, **timm_kwargs)
 
+    if locality_strength != 1.0 and not gpsa_blocks:
+        raise ValueError("locality_strength scales GPSA's local init; it needs gpsa_blocks > 0")
     if gpsa_blocks:
         return _resolve_convit(kwargs, hybrid_layers, pos_embed, gpsa_blocks, locality_strength, pre_logits_size)
     if pos_embed == "rel":

@@ -1,5 +1,6 @@
 """Every tiny registry variant, and vit_demo / r_vit_demo with each of the ViT paper's options."""
 import pytest
+import torch
 
 from pretrain.models import MODELS, export_spec
 
@@ -39,3 +40,12 @@ def timm_backed_case(request):
 @pytest.fixture(params=OWN_CASES, ids=_case_id)
 def own_case(request):
     return request.param
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine spinning workers cost 3-5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

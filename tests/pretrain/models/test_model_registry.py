@@ -112,6 +112,7 @@ def test_vit_demo_keeps_its_shape():
     ("vit_demo", dict(gpsa_blocks=2, pos_embed="2d"), ValueError, "gpsa_blocks"),
     ("vit_demo", dict(gpsa_blocks=2, class_token=False), ValueError, "global_pool='avg'"),
     ("vit_demo", dict(gpsa_blocks=4), ValueError, "global_pool='avg'"),
+    ("vit_demo", dict(locality_strength=2.0), ValueError, "gpsa_blocks"),
     ("r_vit_demo", dict(pos_embed="rel"), ValueError, "hybrids"),
     ("pervit_demo", dict(no_such_arg=1), TypeError, "pervit_demo"),
 ])

@@ -85,3 +85,15 @@ def test_weights_of_another_shape_fail_naming_the_tensor():
     state = build_model("vit_demo", num_classes=5, mlp_ratio=2.0).state_dict()
     with pytest.raises(ValueError, match="blocks.0.mlp.fc1.weight"):
         resize_pos_embed_in_state_dict(state, model_name="vit_demo", old_img_size=28, new_img_size=56)
+
+
+@pytest.mark.parametrize("options", [{}, dict(pos_embed="2d"), dict(pos_embed="rel"), dict(gpsa_blocks=2)])
+def test_set_input_size_agrees_with_the_state_dict_path(options):
+    """Detection resizes a built model in place; both routes give the same weights."""
+    state, resized = _resized(options)
+    model = build_model("vit_demo", num_classes=5, **options)
+    model.load_state_dict(state)
+    model.set_input_size(img_size=(44, 44))
+    assert model.patch_embed.grid_size == (11, 11)
+    for key, value in resized.items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
