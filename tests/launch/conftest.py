@@ -21,6 +21,7 @@ from data_pipeline.writer import write_split
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/pretrain/demo_fmnist.yaml"
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+PYTHON = sys.executable
 
 
 @pytest.fixture(scope="session")
@@ -80,5 +81,3 @@ def assert_finished(out_dir: Path, *, world_size: int, steps: int, zero_stage: i
     assert (out_dir / "export" / "model.safetensors").is_file()
     return meta
 
-
-PYTHON = sys.executable
