@@ -7,13 +7,15 @@
 | pos_embed="learn" / "none"          | timm `VisionTransformer` (or R50 hybrid)   | yes              |
 | class_token=False, global_pool="avg"| same (timm arguments)                      | yes              |
 | pos_embed="rel"                     | timm `VisionTransformerRelPos`, per-head   | yes              |
-|                                     | bias per 2-D offset (rel_pos_type="bias")  |                  |
+|                                     | bias per 2-D offset (rel_pos_type="bias")* |                  |
 | gpsa_blocks=N                       | timm `ConVit` (GPSA in blocks < N, class   | yes              |
 |                                     | token inserted after them), checkpointable |                  |
 | pos_embed="2d"                      | `ViT` below: x and y halves of D           | no               |
 | pre_logits_size=R                   | `ViT` below: Linear(D, R) + tanh, then head| no               |
 
 Everything else (img_size, drop_path_rate, weight_init, ...) goes to the timm constructor.
+* The paper's relative variant adds query-dependent logits (q . r_offset); timm's learned
+  bias per offset and head is the content-free form of it (Swin/BEiT), chosen to stay timm-loadable.
 """
 from __future__ import annotations
 
@@ -45,17 +47,23 @@ class BuildPlan:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def resample_axial_pos_embed(pos_h: torch.Tensor, pos_w: torch.Tensor, new_grid: tuple[int, int],
-                             **resample_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def axial_pos_grid(pos_h: torch.Tensor, pos_w: torch.Tensor) -> torch.Tensor:
+    """(1, H, D_h), (1, W, D_w) -> (1, H*W, D_h + D_w): row y's table beside column x's, per patch."""
+    gh, gw = pos_h.shape[1], pos_w.shape[1]
+    return torch.cat([pos_h[:, :, None].expand(-1, -1, gw, -1), pos_w[:, None].expand(-1, gh, -1, -1)], dim=-1).flatten(1, 2)
+
+
+def resample_axial_pos_embed(pos_h: torch.Tensor, pos_w: torch.Tensor,
+                             new_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample 2-D (x/y-halves) embeddings to `new_grid` with timm's 2-D resampling.
 
     The halves are expanded to the full grid, resampled by `timm.layers.resample_abs_pos_embed`
     (bicubic, separable, so each half stays constant along its other axis), and read back.
     """
-    (_, gh, dh), (_, gw, dw) = pos_h.shape, pos_w.shape
-    grid = torch.cat([pos_h[:, :, None].expand(-1, -1, gw, -1), pos_w[:, None].expand(-1, gh, -1, -1)], dim=-1)
-    out = resample_abs_pos_embed(grid.flatten(1, 2), list(new_grid), old_size=[gh, gw], num_prefix_tokens=0, **resample_kwargs)
-    out = out.reshape(1, new_grid[0], new_grid[1], dh + dw)
+    dh = pos_h.shape[-1]
+    out = resample_abs_pos_embed(axial_pos_grid(pos_h, pos_w), list(new_grid),
+                                 old_size=[pos_h.shape[1], pos_w.shape[1]], num_prefix_tokens=0)
+    out = out.reshape(1, new_grid[0], new_grid[1], -1)
     return out[:, :, 0, :dh].contiguous(), out[:, 0, :, dh:].contiguous()
 
 
@@ -105,11 +113,8 @@ class ViT(VisionTransformer):
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed_h is None:
             return super()._pos_embed(x)
-        gh, gw = self.pos_embed_h.shape[1], self.pos_embed_w.shape[1]
-        pos = torch.cat([self.pos_embed_h[:, :, None].expand(-1, -1, gw, -1),
-                         self.pos_embed_w[:, None].expand(-1, gh, -1, -1)], dim=-1)
         # With no `pos_embed`, timm's method only prepends the prefix tokens.
-        return self.pos_drop(super()._pos_embed(x + pos.flatten(1, 2)))
+        return self.pos_drop(super()._pos_embed(x + axial_pos_grid(self.pos_embed_h, self.pos_embed_w)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.pre_logits(self.fc_norm(self.pool(x))))

@@ -1,4 +1,6 @@
 """The registry: paper parameter counts, forward/backward of every tiny variant, timm round trips."""
+import json
+
 import pytest
 import timm
 import torch
@@ -72,7 +74,7 @@ def test_export_loads_into_timm_strict_with_same_logits(timm_backed_case, tmp_pa
     name, options = timm_backed_case
     model = build_model(name, num_classes=7, **options).eval()
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    spec = export_spec(name, num_classes=7, **options)
+    spec = json.loads(json.dumps(export_spec(name, num_classes=7, **options)))  # as the JSON sidecar holds it
     twin = timm.create_model(spec["timm_name"], pretrained=False, **spec["timm_kwargs"]).eval()
     twin.load_state_dict(load_file(str(tmp_path / "w.safetensors")), strict=True)
     images = _inputs(model)

@@ -5,6 +5,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from pretrain.models import build_model
 from pretrain.models.posembed import build_from_state_dict, resize_pos_embed_in_state_dict
+from pretrain.models.vit import axial_pos_grid
 
 
 def _resized(options: dict, new_img_size: int = 44, **extra):
@@ -26,14 +27,10 @@ def test_learned_1d_agrees_with_timm_and_keeps_prefix_tokens(options, prefix):
 def test_2d_halves_resampled_like_the_full_grid():
     """Resampling the x/y tables equals timm's 2-D resampling of the grid they make (bicubic is separable)."""
     state, resized = _resized(dict(pos_embed="2d"))
-
-    def grid(h, w):
-        return torch.cat([h[:, :, None].expand(-1, -1, w.shape[1], -1), w[:, None].expand(-1, h.shape[1], -1, -1)], -1)
-
-    expected = resample_abs_pos_embed(grid(state["pos_embed_h"], state["pos_embed_w"]).flatten(1, 2), [11, 11],
+    expected = resample_abs_pos_embed(axial_pos_grid(state["pos_embed_h"], state["pos_embed_w"]), [11, 11],
                                       old_size=[7, 7], num_prefix_tokens=0)
-    got = grid(resized["pos_embed_h"], resized["pos_embed_w"]).flatten(1, 2)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    got = axial_pos_grid(resized["pos_embed_h"], resized["pos_embed_w"])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # every cell, not only the row/column read back
 
 
 def test_relative_bias_tables_resized_class_entries_kept():
