@@ -79,8 +79,10 @@ class DetectionTransform:
 
 
 def _boxes_tensor(boxes, where: str) -> torch.Tensor:
-    tensor = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) if len(boxes) else torch.zeros(0, 4)
-    if tensor.shape[-1] != 4 or not torch.isfinite(tensor).all():
+    if len(boxes) == 0:
+        return torch.zeros(0, 4)
+    tensor = torch.as_tensor(boxes, dtype=torch.float32)  # ValueError on ragged lists
+    if tensor.ndim != 2 or tensor.shape[-1] != 4 or not torch.isfinite(tensor).all():
         raise ValueError(f"{where}: boxes must be finite [x, y, w, h] lists, got {boxes!r}")
     return tensor
 
