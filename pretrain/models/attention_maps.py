@@ -16,22 +16,3 @@ def enable_attention_maps(model: nn.Module) -> nn.Module:
             module.fused_attn = False
     return model
 
-
-@torch.no_grad()
-def attention_maps(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{attention module name: (B, heads, N, N) probabilities} of one eval-mode forward pass."""
-    enable_attention_maps(model)
-    maps: dict[str, torch.Tensor] = {}
-    hooks = [
-        module.register_forward_hook(lambda _m, _inp, out, key=name.removesuffix(".attn_drop"): maps.__setitem__(key, out))
-        for name, module in model.named_modules()
-        if name.endswith("attn_drop")
-    ]
-    was_training = model.training
-    try:
-        model.eval()(images)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return maps

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pretrain.models import MODELS, export_spec
+from pretrain.models import MODELS, enable_attention_maps, export_spec
 
 VIT_OPTIONS = {
     "pos_2d": dict(pos_embed="2d"),
@@ -49,3 +49,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def attention_maps(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{attention module name: (B, heads, N, N)} from hooks on `*.attn_drop`, one eval forward."""
+    enable_attention_maps(model)
+    maps = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out, key=name.removesuffix(".attn_drop"): maps.__setitem__(key, out))
+        for name, module in model.named_modules()
+        if name.endswith("attn_drop")
+    ]
+    model.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    return maps
+
+
+@pytest.fixture(scope="session")
+def capture_attention():
+    return attention_maps

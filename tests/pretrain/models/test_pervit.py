@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.models import build_model
-from pretrain.models.attention_maps import attention_maps
 from pretrain.models.pervit import PerViT
 
 SIDE = 7  # 112 px / 16
@@ -20,13 +19,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def run(model):
+def run(model, capture_attention):
     """One forward pass: attention maps, block 0's attention input, the final tokens."""
     images = torch.randn(2, 3, 16 * SIDE, 16 * SIDE)
     seen = {}
     hooks = [model.blocks[0].norm1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("attn_input", out)),
              model.norm.register_forward_hook(lambda _m, _i, out: seen.__setitem__("tokens", out))]
-    seen["maps"] = attention_maps(model, images)
+    seen["maps"] = capture_attention(model, images)
     for hook in hooks:
         hook.remove()
     return seen

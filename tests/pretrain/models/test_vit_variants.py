@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from pretrain.models import build_model
-from pretrain.models.attention_maps import attention_maps
 
 
 def _grid_distances(side: int) -> torch.Tensor:
@@ -82,11 +81,11 @@ def test_relative_position_bias_depends_only_on_the_offset():
     assert not torch.allclose(bias[:, idx(1, 1), idx(2, 3)], bias[:, idx(1, 1), idx(3, 2)])
 
 
-def test_gpsa_heads_start_as_a_3x3_convolution():
+def test_gpsa_heads_start_as_a_3x3_convolution(capture_attention):
     """ConViT: at its local init each of 9 GPSA heads attends to its own offset of a 3x3 neighbourhood."""
     torch.manual_seed(0)
     model = build_model("vit_demo", num_classes=5, gpsa_blocks=2, num_heads=9, embed_dim=72)
-    maps = attention_maps(model, torch.randn(2, 3, 28, 28))
+    maps = capture_attention(model, torch.randn(2, 3, 28, 28))
     centre = 3 * 7 + 3
     for block in ("blocks.0.attn", "blocks.1.attn"):
         attn = maps[block].mean(0)[:, centre]  # heads, keys (GPSA sees patches only: no class token yet)
@@ -96,14 +95,14 @@ def test_gpsa_heads_start_as_a_3x3_convolution():
     assert maps["blocks.2.attn"].shape[-1] == 50  # the class token joins after the GPSA blocks
 
 
-def test_gpsa_blocks_are_local_and_locality_strength_sharpens_them():
+def test_gpsa_blocks_are_local_and_locality_strength_sharpens_them(capture_attention):
     # ConViT's local init places heads on a sqrt(heads) x sqrt(heads) kernel: 9 heads, 3x3.
     torch.manual_seed(0)
     images, dist = torch.randn(2, 3, 28, 28), _grid_distances(7)
     distances = {}
     for strength in (1.0, 4.0):
         model = build_model("vit_demo", num_classes=5, gpsa_blocks=2, locality_strength=strength, num_heads=9, embed_dim=72)
-        maps = attention_maps(model, images)
+        maps = capture_attention(model, images)
         distances[strength] = [_mean_distance(maps[f"blocks.{i}.attn"], dist) for i in range(4)]
     uniform = dist.mean().item()
     assert max(distances[1.0][:2]) < 0.6 * uniform  # GPSA blocks local
@@ -111,13 +110,13 @@ def test_gpsa_blocks_are_local_and_locality_strength_sharpens_them():
     assert distances[4.0][0] < distances[1.0][0]
 
 
-def test_attention_maps_exist_for_every_variant_and_rows_sum_to_one(tiny_case):
+def test_attention_maps_exist_for_every_variant_and_rows_sum_to_one(tiny_case, capture_attention):
     name, options = tiny_case
     model = build_model(name, num_classes=5, **options).eval()
     images = torch.randn(2, 3, *model.patch_embed.img_size)
     with torch.no_grad():
         fused = model(images)
-    maps = attention_maps(model, images)
+    maps = capture_attention(model, images)
     assert len(maps) == len(model.blocks)
     for attn in maps.values():
         assert attn.dim() == 4 and attn.shape[-1] == attn.shape[-2]
