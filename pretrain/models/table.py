@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
-    print(f"| model | params (M) | paper (M) | GFLOPs/img @{args.img_size} (fwd) | timm architecture |")
+    print(f"| model | params (M) | paper (M) | GFLOPs/img @{args.img_size} (forward, 2 per MAC) | timm architecture |")
     print("|---|---:|---:|---:|---|")
     for row in model_rows(args.img_size, args.num_classes):
         paper = f"{row['paper_m']:g}" if row["paper_m"] else "-"
