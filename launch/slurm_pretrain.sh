@@ -55,12 +55,15 @@ fi
 # Rendezvous: rank 0 runs on the first node of the allocation; its NodeAddr (the
 # address Slurm itself uses, which defaults to the node name) is the master address.
 # The port is derived from the job id so that jobs sharing a node do not collide.
-first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+nodes="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"  # no `| head`: SIGPIPE under pipefail
+first_node="${nodes%%$'\n'*}"
 master_addr="$(scontrol show node -o "$first_node" | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')"
 export MASTER_ADDR="${master_addr:-$first_node}"
 export MASTER_PORT="${VITSCALE_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"
 # One rank per task: pretrain/distributed.py reads SLURM_PROCID, SLURM_NTASKS and
-# SLURM_LOCALID in each task.
+# SLURM_LOCALID in each task, unless torchrun-style variables are set, which a submitting
+# shell may have left in the environment sbatch copies.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
 # NCCL (GPU nodes). Defaults suit most clusters; set these in the submitting shell when
