@@ -2,39 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
 
-from data_pipeline import sources
-from data_pipeline.writer import write_split
+COMMANDS = {
+    "write": ("data_pipeline.write_cli", "convert an image collection into WebDataset shards"),
+    "inspect": ("data_pipeline.inspection", "counts, label histogram and a contact sheet of a shard folder"),
+    "verify": ("data_pipeline.verify", "read every sample and check the shards against _info.json"),
+}
 
 
-def _write(args: argparse.Namespace) -> None:
-    if args.source == "fashion-mnist":
-        samples = sources.fashion_mnist(args.input, args.split, args.limit)
-        class_names = sources.FASHION_MNIST_CLASSES
-        total = args.limit
-    else:
-        raise SystemExit(f"unknown source {args.source!r}")
-    info = write_split(
-        samples, args.output, prefix=args.prefix or args.split, split=args.split,
-        samples_per_shard=args.samples_per_shard, class_names=class_names, total=total,
-    )
-    print(f"wrote {info['num_samples']} samples in {len(info['filenames'])} shards to {args.output}")
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write", help="convert an image collection into WebDataset shards")
-    w.add_argument("--source", required=True, choices=["fashion-mnist"])
-    w.add_argument("--input", required=True, help="folder of the source collection")
-    w.add_argument("--output", required=True, help="folder for the shards and _info.json")
-    w.add_argument("--split", default="train")
-    w.add_argument("--prefix", default=None, help="shard file prefix (default: the split)")
-    w.add_argument("--samples-per-shard", type=int, default=1000)
-    w.add_argument("--limit", type=int, default=None, help="convert only the first N samples")
+    modules = {}
+    for name, (module, help_text) in COMMANDS.items():
+        modules[name] = importlib.import_module(module)
+        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=modules[name].__doc__))
     args = parser.parse_args(argv)
-    {"write": _write}[args.command](args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return modules[args.command].main(args) or 0
+    except (FileNotFoundError, PermissionError, ConnectionError, ValueError) as err:
+        parser.exit(2, f"python -m data_pipeline {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":
