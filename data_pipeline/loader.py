@@ -2,19 +2,34 @@
 from __future__ import annotations
 
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import SampleDecoder, build_transform
+from data_pipeline.decode import BatchFinisher, ClassificationDecoder, ImagePipeline, build_mixup
 from data_pipeline.stream import ShardStream, StreamLoader, open_shard_set
 
 
 def build_loader(data: DataConfig, *, rank: int, world_size: int, urls: str, train: bool) -> StreamLoader:
-    """The stream of `urls` for this rank: training augmentation and shuffling when `train`."""
-    decoder = SampleDecoder(
-        build_transform(data.image_size, data.augment if train else "none", data.mean, data.std),
-        num_classes=data.num_classes, label_mode=data.label_mode,
+    """The stream of `urls` for this rank: training augmentation, mixup and shuffling when `train`.
+
+    Targets: class indices (label_mode single), multi-hot floats (multi), -1 (none); soft
+    (batch, num_classes) float targets whenever mixup/cutmix is on in training.
+    """
+    if train:
+        augment, crop_pct = data.augment, data.crop_pct
+    else:
+        augment, crop_pct = ("center", data.eval_crop_pct) if data.eval_crop_pct else ("none", data.crop_pct)
+    pipeline = ImagePipeline(
+        data.image_size, augment, scale=data.crop_scale, ratio=data.crop_ratio, crop_pct=crop_pct,
+        interpolation=data.interpolation, randaugment=data.randaugment if train else None, mean=data.mean,
+        fast_jpeg=data.fast_jpeg,
     )
+    mixup = build_mixup(
+        mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha, prob=data.mixup_prob, switch_prob=data.mixup_switch_prob,
+        label_smoothing=data.label_smoothing, num_classes=data.num_classes, multi_label=data.label_mode == "multi",
+    ) if train and data.mixes else None
     stream = ShardStream(
-        open_shard_set(urls), decoder, batch_size=data.batch_size, rank=rank,
-        world_size=world_size, num_workers=data.num_workers, seed=data.seed,
+        open_shard_set(urls),
+        ClassificationDecoder(transform=None, num_classes=data.num_classes, label_mode=data.label_mode, pipeline=pipeline),
+        batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers, seed=data.seed,
         shuffle_buffer=data.shuffle_buffer if train else 1, max_bad_fraction=data.max_corrupt_fraction,
+        finish=BatchFinisher(data.mean, data.std, mixup),
     )
     return StreamLoader(stream, num_workers=data.num_workers)

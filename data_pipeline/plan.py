@@ -76,17 +76,16 @@ def positions_of(segments: Segments, idx: np.ndarray) -> np.ndarray:
 
 
 def merge(segments: Segments) -> Segments:
-    """Sort and merge touching or overlapping segments."""
+    """Sort and merge touching or overlapping segments (vectorised: a resume at scale can
+    bring one shuffle block of single positions per slot, millions of rows)."""
     if not len(segments):
         return segments
     segments = segments[np.argsort(segments[:, 0], kind="stable")]
-    out = [segments[0].copy()]
-    for s, e in segments[1:]:
-        if s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append(np.array([s, e]))
-    return np.array(out, dtype=np.int64)
+    ends = np.maximum.accumulate(segments[:, 1])
+    starts_group = np.ones(len(segments), dtype=bool)
+    starts_group[1:] = segments[1:, 0] > ends[:-1]
+    last_of_group = np.append(np.flatnonzero(starts_group)[1:] - 1, len(segments) - 1)
+    return np.stack([segments[starts_group, 0], ends[last_of_group]], axis=1).astype(np.int64)
 
 
 @dataclass(frozen=True)

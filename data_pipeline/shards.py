@@ -42,6 +42,15 @@ def iter_tar_samples(stream: BinaryIO, url: str) -> Iterator[RawSample]:
             yield current
 
 
+class UnreadableSample(Exception):
+    """Stands in for sample `index` of shard `url` when the shard could not be read that far."""
+
+    def __init__(self, url: str, index: int, cause: BaseException):
+        super().__init__(f"{url}: sample {index} of the shard is unreadable: {cause}")
+        # a cut tar is truncated; a connection that kept failing after retries is unreadable
+        self.reason = "unreadable_shard" if isinstance(cause, OSError) and not isinstance(cause, EOFError) else "truncated_shard"
+
+
 class ShardCursor:
     """A sequential reader of one shard that can skip ahead; reopened when asked to go back."""
 
@@ -54,12 +63,12 @@ class ShardCursor:
         self._samples = iter_tar_samples(self._stream, self.url)
         self.position = 0
 
-    def read(self, offset: int, count: int) -> list[RawSample | Exception]:
-        """Samples [offset, offset+count); an unreadable tail comes back as exceptions."""
+    def read(self, offset: int, count: int) -> list[RawSample | UnreadableSample]:
+        """Samples [offset, offset+count); an unreadable tail comes back as `UnreadableSample`s."""
         if offset < self.position:
             self.close()
             self._reset()
-        out: list[RawSample | Exception] = []
+        out: list[RawSample | UnreadableSample] = []
         try:
             while self.position < offset:
                 next(self._samples)
@@ -68,8 +77,9 @@ class ShardCursor:
                 out.append(next(self._samples))
                 self.position += 1
         except (tarfile.TarError, EOFError, OSError, StopIteration) as err:
-            missing = err if not isinstance(err, StopIteration) else EOFError(f"{self.url} ends early")
-            out.extend([missing] * (count - len(out)))
+            cause = err if not isinstance(err, StopIteration) else EOFError("the shard ends early")
+            first = offset + len(out)
+            out.extend(UnreadableSample(self.url, first + i, cause) for i in range(count - len(out)))
             self.position = float("inf")  # the rest of this shard is gone: reopen to retry
         return out
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.decode import BadSample
+from data_pipeline.decode import BadSample, seed_sample
 from data_pipeline.plan import Generation, current_pieces, slot_order
-from data_pipeline.shards import ShardCursor
+from data_pipeline.shards import ShardCursor, UnreadableSample
 from data_pipeline.storage import open_url
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,12 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,
         max_bad_fraction: float,
         opener: Callable[[str], BinaryIO] = open_url,
+        finish: Callable[[list, list], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
+        """`decode(raw sample) -> (image, target)`; `finish(images, targets) -> (batch, targets)`
+        runs on each batch in the worker (default: stack)."""
         self.shards, self.decode, self.opener = shards, decode, opener
+        self.finish = finish or stack_batch
         self.rank, self.seed, self.buffer = rank, seed, shuffle_buffer
         self.max_bad_fraction = max_bad_fraction
         self.epoch = 0
@@ -119,20 +123,20 @@ class ShardStream(IterableDataset):
         seen = 0
         last_good = None
         pending = 0  # bad samples before the first good one, filled once one arrives
-        images, targets = [], []
+        items: list = []  # (image, target, position) of the batch being filled
         try:
             for positions, order, first in slot_order(pieces[slot], skip=gen.slot_consumed(slot), buffer=self.buffer, key=key):
                 raw = cursor.read(positions)
                 for idx in order[first:]:
-                    sample = raw[idx]
+                    sample, position = raw[idx], int(positions[idx])
                     seen += 1
                     # Augmentation drawn from the sample's place in the epoch: a resumed run
                     # augments each remaining sample exactly as an uninterrupted one would.
-                    torch.manual_seed(hash((self.seed, self.epoch, int(positions[idx]))) & 0x7FFFFFFF)
+                    seed_sample(hash((self.seed, self.epoch, position)) & 0x7FFFFFFF)
                     try:
-                        if isinstance(sample, Exception):
-                            raise BadSample("truncated_shard", str(sample))
-                        item = self.decode(sample)
+                        if isinstance(sample, UnreadableSample):
+                            raise BadSample(sample.reason, str(sample))
+                        image, target = self.decode(sample)
                     except BadSample as err:
                         bad[err.reason] += 1
                         log.warning("skipping sample: %s", err)
@@ -144,19 +148,23 @@ class ShardStream(IterableDataset):
                         if last_good is None:
                             pending += 1
                             continue
-                        item = last_good  # substitute keeps every rank's batch count equal
-                    last_good = item
-                    for _ in range(pending + 1):
-                        images.append(item[0])
-                        targets.append(item[1])
+                        image, target = last_good  # substitute keeps every rank's batch count equal
+                    last_good = image, target
+                    items.extend([(image, target, position)] * (pending + 1))
                     pending = 0
-                    while len(images) >= gen.batch:
-                        yield torch.stack(images[: gen.batch]), torch.stack(targets[: gen.batch]), dict(bad)
-                        images, targets = images[gen.batch :], targets[gen.batch :]
+                    while len(items) >= gen.batch:
+                        batch, items = items[: gen.batch], items[gen.batch :]
+                        seed_sample(hash((self.seed, self.epoch, -1, batch[0][2])) & 0x7FFFFFFF)  # mixup draws per batch (ints hash the same in every process)
+                        images, targets = self.finish([b[0] for b in batch], [b[1] for b in batch])
+                        yield images, targets, dict(bad)
             if pending:
                 raise TooManyBadSamples(f"slot {slot} found no decodable sample ({dict(bad)})")
         finally:
             cursor.close()
+
+
+def stack_batch(images: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack(images), torch.stack(targets)
 
 
 class StreamLoader:

@@ -1,14 +1,22 @@
 """Exact per-rank batches, exactly-once coverage, and mid-epoch resume of the shard stream."""
 from __future__ import annotations
 
+import io
 import itertools
+import shutil
+import tarfile
 
 import pytest
 import torch
 
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import build_loader
+from data_pipeline.plan import Generation, current_pieces
 from data_pipeline.sample import Sample
-from data_pipeline.stream import ShardStream, StreamLoader, open_shard_set
+from data_pipeline.shards import iter_tar_samples
+from data_pipeline.stream import ShardStream, StreamLoader, TooManyBadSamples, open_shard_set
 from data_pipeline.writer import write_split
+from tests.data_pipeline.conftest import photo_patches
 
 
 def key_id(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,3 +104,106 @@ def test_resume_on_another_world_size_neither_repeats_nor_loses(uneven_shards, o
     rest = sum((sum(take(l, l.stream.batches_per_epoch()), []) for l in new), [])
     assert set(consumed) | set(rest) == set(range(total))
     assert len(set(consumed) & set(rest)) == 0
+
+
+# ---------------------------------------------------------------- real photos through build_loader
+
+def rewrite_tar(path, edit) -> None:
+    """Apply `edit(members dict)` to a shard in place."""
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    edit(members)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory):
+    """4 shards of 10 JPEG photos, labels i % 3."""
+    out = tmp_path_factory.mktemp("photos")
+    jpegs = photo_patches(40, seed=7)
+    write_split((Sample(f"p_{i:03d}", j, "jpg", i % 3) for i, j in enumerate(jpegs)), out, prefix="train", samples_per_shard=10)
+    return out
+
+
+def data_config(urls, **overrides) -> DataConfig:
+    base = dict(train_urls=urls, batch_size=4, num_workers=0, shuffle_buffer=8, image_size=32, num_classes=3,
+                augment="inception", max_corrupt_fraction=0.5)
+    return DataConfig(**(base | overrides))
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(photo_shards, tmp_path, caplog):
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar", "_info.json"):
+        shutil.copy(photo_shards / name, tmp_path / name)
+    rewrite_tar(tmp_path / "train-000000.tar", lambda m: m.update({"p_003.jpg": m["p_003.jpg"][:300]}))
+    rewrite_tar(tmp_path / "train-000001.tar", lambda m: m.update({"p_012.cls": b"9", "p_015.cls": b"x"}))
+    data = (tmp_path / "train-000002.tar").read_bytes()
+    (tmp_path / "train-000002.tar").write_bytes(data[: len(data) * 6 // 10])  # cut mid-shard
+    with pytest.raises(tarfile.TarError), open(tmp_path / "train-000002.tar", "rb") as f:
+        readable = []
+        readable.extend(iter_tar_samples(f, "x"))
+    urls = str(tmp_path / "train-{000000..000003}.tar")
+    loaders = [build_loader(data_config(urls), rank=r, world_size=2, urls=urls, train=True) for r in range(2)]
+    counts = []
+    for loader in loaders:
+        n = loader.stream.batches_per_epoch()
+        batches = list(itertools.islice(iter(loader), n))
+        assert all(images.shape == (4, 3, 32, 32) for images, _ in batches)
+        counts.append(len(batches))
+    assert counts[0] == counts[1] == 5  # 40 samples over 2 ranks: bad ones were substituted, not dropped
+    bad = loaders[0].bad_counts + loaders[1].bad_counts
+    assert dict(bad) == {"undecodable": 1, "bad_label": 2, "truncated_shard": 10 - len(readable)}
+    assert "train-000000.tar:p_003" in caplog.text and "train-000001.tar:p_012" in caplog.text
+    assert f"train-000002.tar: sample {len(readable)} of the shard is unreadable" in caplog.text
+
+    strict = build_loader(data_config(urls, max_corrupt_fraction=0.05), rank=0, world_size=1, urls=urls, train=True)
+    with pytest.raises(TooManyBadSamples, match="max_corrupt_fraction=0.05"):
+        list(itertools.islice(iter(strict), strict.stream.batches_per_epoch()))
+
+
+def test_mixup_batches_resume_bit_for_bit(photo_shards):
+    urls = str(photo_shards / "train-{000000..000003}.tar")
+    cfg = data_config(urls, mixup_alpha=0.8, cutmix_alpha=1.0, randaugment="rand-m9-mstd0.5", num_workers=2)
+    full = list(itertools.islice(iter(build_loader(cfg, rank=0, world_size=1, urls=urls, train=True)), 6))
+    first = build_loader(cfg, rank=0, world_size=1, urls=urls, train=True)
+    head = list(itertools.islice(iter(first), 2))
+    resumed = build_loader(cfg, rank=0, world_size=1, urls=urls, train=True)
+    resumed.load_state_dict(first.state_dict())
+    rest = list(itertools.islice(iter(resumed), 4))
+    for (a, ta), (b, tb) in zip(full, head + rest):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert full[0][1].shape == (4, 3) and torch.allclose(full[0][1].sum(1), torch.ones(4))
+
+
+def test_stream_from_s3_survives_dropped_connections(photo_shards, s3_server, s3_dropping_proxy, monkeypatch):
+    from data_pipeline import storage
+
+    bucket = s3_server.create_bucket()
+    for path in photo_shards.iterdir():
+        s3_server.client().put_object(Bucket=bucket, Key=f"photos/{path.name}", Body=path.read_bytes())
+    for name, value in s3_dropping_proxy.s3.env().items():
+        monkeypatch.setenv(name, value)
+    storage._s3_client_for.cache_clear()
+    local = str(photo_shards / "train-{000000..000003}.tar")
+    remote = f"s3://{bucket}/photos/train-{{000000..000003}}.tar"
+    s3_dropping_proxy.drop_after(20_000, times=3)  # a shard is ~25 kB: cuts land mid-shard
+    got = list(itertools.islice(iter(build_loader(data_config(remote), rank=0, world_size=1, urls=remote, train=True)), 10))
+    want = list(itertools.islice(iter(build_loader(data_config(local), rank=0, world_size=1, urls=local, train=True)), 10))
+    assert s3_dropping_proxy.drops == 3
+    assert all(torch.equal(a, b) and torch.equal(ta, tb) for (a, ta), (b, tb) in zip(got, want))
+    storage._s3_client_for.cache_clear()
+
+
+def test_plan_memory_does_not_grow_with_samples():
+    """300M samples over 4096 slots: pieces are a few segments each, also after a resume
+    on another world size (at most one shuffle block of single positions per slot)."""
+    gens = [Generation(512, 8, 64, consumed_batches=1001), Generation(384, 8, 64)]
+    pieces = current_pieces(300_000_000, seed=0, epoch=0, generations=gens[:1], buffer=1000)
+    assert max(len(p.segments) for p in pieces) <= 2
+    resumed = current_pieces(300_000_000, seed=0, epoch=0, generations=gens, buffer=1000)
+    assert sum(len(p.segments) for p in resumed) <= 4096 * 1000 + 2 * 3072
+    consumed = sum(min(gens[0].slot_consumed(s), p.real) for s, p in enumerate(pieces))  # padding is not a sample
+    assert consumed > 512 * 1000 * 64 and sum(p.real for p in resumed) == 300_000_000 - consumed
