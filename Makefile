@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install install-test system-deps clean
+.PHONY: demo test install install-test system-deps test-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,15 @@ system-deps:
 demo: install system-deps
 	$(PY) -m pretrain demo
 
-test: install-test system-deps
+# The launcher tests start a real Slurm controller and node daemons on localhost.
+test-deps: system-deps
+	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q slurm-wlm munge || (apt-get update -q && apt-get install -y -q slurm-wlm munge); \
+	  else echo "Slurm missing: install Debian's slurm-wlm and munge (needs root)"; exit 1; fi; \
+	fi
+
+test: install-test test-deps
 	$(PY) -m pytest
 
 clean:
