@@ -76,6 +76,7 @@ class HeadConfig(_Strict):
     dim_feedforward: int = Field(2048, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     num_queries: int = Field(100, gt=0)
+    pos_temperature: float = Field(10000.0, gt=1, description="sine encoding's longest wavelength (DETR: 10000)")
 
     @model_validator(mode="after")
     def _heads_divide(self):

@@ -210,8 +210,10 @@ class MapBatches:
 
 # ---------------------------------------------------------------- sources by kind
 
-def ensure_shapes(source: ShapesSource, *, num_classes: int, is_main: bool) -> CocoSource:
-    """The shapes set as a COCO source, written first by the main rank if missing."""
+def resolve_source(source, *, num_classes: int, is_main: bool):
+    """A configured source, with the generated shapes set written (main rank first) and read as COCO."""
+    if not isinstance(source, ShapesSource):
+        return source
     from pretrain.detection.shapes import write_shapes
 
     root = Path(source.dir)
@@ -231,24 +233,41 @@ def source_class_names(source, num_classes: int) -> list[str]:
     return [str(c) for c in range(num_classes)]
 
 
-def train_batches(source, *, transform: DetectionTransform, num_classes: int, max_objects: int, batch_size: int,
-                  rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int, max_bad_fraction: float):
-    """Infinite, resumable (state_dict/load_state_dict) iterator of training batches."""
-    if isinstance(source, ShardSource):
-        decoder = ShardBoxesDecoder(transform=transform, num_classes=num_classes, max_objects=max_objects)
-        stream = ShardStream(open_shard_set(source.urls), decoder, batch_size=batch_size, rank=rank, world_size=world_size,
-                             num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction)
-        return StreamLoader(stream, num_workers)
-    dataset = coco_dataset(source.annotations, source.images, transform=transform, num_classes=num_classes, max_objects=max_objects)
+def _coco_train(source: CocoSource, decode: dict, *, batch_size: int, rank: int, world_size: int, num_workers: int,
+                seed: int, shuffle_buffer: int, max_bad_fraction: float) -> MapBatches:
+    dataset = coco_dataset(source.annotations, source.images, **decode)
     return MapBatches(dataset, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed)
 
 
-def eval_loader(source, *, transform: DetectionTransform, num_classes: int, max_objects: int, batch_size: int,
-                rank: int, world_size: int, num_workers: int) -> DataLoader:
-    """One pass over this rank's share of the validation images."""
-    if isinstance(source, ShardSource):
-        decoder = ShardBoxesDecoder(transform=transform, num_classes=num_classes, max_objects=max_objects)
-        dataset = ShardEvalSet(source.urls, decoder, rank=rank, world_size=world_size)
-        return DataLoader(dataset, batch_size=batch_size, num_workers=0)  # one reader keeps the order
-    dataset = coco_dataset(source.annotations, source.images, transform=transform, num_classes=num_classes, max_objects=max_objects)
+def _coco_eval(source: CocoSource, decode: dict, *, batch_size: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
+    dataset = coco_dataset(source.annotations, source.images, **decode)
     return DataLoader(Subset(dataset, list(range(rank, len(dataset), world_size))), batch_size=batch_size, num_workers=num_workers)
+
+
+def _shard_train(source: ShardSource, decode: dict, *, batch_size: int, rank: int, world_size: int, num_workers: int,
+                 seed: int, shuffle_buffer: int, max_bad_fraction: float) -> StreamLoader:
+    stream = ShardStream(open_shard_set(source.urls), ShardBoxesDecoder(**decode), batch_size=batch_size, rank=rank,
+                         world_size=world_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer,
+                         max_bad_fraction=max_bad_fraction)
+    return StreamLoader(stream, num_workers)
+
+
+def _shard_eval(source: ShardSource, decode: dict, *, batch_size: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
+    dataset = ShardEvalSet(source.urls, ShardBoxesDecoder(**decode), rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=0)  # one reader keeps the order
+
+
+# kind -> (resumable infinite training batches, one pass of this rank's validation share)
+SOURCES: dict[str, tuple[Callable, Callable]] = {"coco": (_coco_train, _coco_eval), "wds": (_shard_train, _shard_eval)}
+
+
+def train_batches(source, *, transform: DetectionTransform, num_classes: int, max_objects: int, **loader):
+    """Infinite (images, packed) batches with state_dict/load_state_dict, of a resolved source."""
+    decode = dict(transform=transform, num_classes=num_classes, max_objects=max_objects)
+    return SOURCES[source.kind][0](source, decode, **loader)
+
+
+def eval_loader(source, *, transform: DetectionTransform, num_classes: int, max_objects: int, **loader) -> DataLoader:
+    """One pass over this rank's share of a resolved source's images."""
+    decode = dict(transform=transform, num_classes=num_classes, max_objects=max_objects)
+    return SOURCES[source.kind][1](source, decode, **loader)

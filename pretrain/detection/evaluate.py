@@ -126,11 +126,12 @@ def plot_predictions(images: torch.Tensor, predictions: list[dict], truths: list
         w, h = truth["size"]
         scale = np.array([side / w, side / h, side / w, side / h])  # original pixels -> displayed pixels
         ax.imshow(img.permute(1, 2, 0).numpy())
+        # imshow centres pixel i at i: box edges sit half a pixel before
         for box in truth["boxes"] * scale:
-            ax.add_patch(Rectangle(box[:2], box[2], box[3], fill=False, color="lime", linestyle="--", linewidth=1.5))
+            ax.add_patch(Rectangle(box[:2] - 0.5, box[2], box[3], fill=False, color="lime", linestyle="--", linewidth=1.5))
         for score, label, box in zip(pred["scores"], pred["labels"], pred["boxes"] * scale):
             if score >= score_threshold:
-                ax.add_patch(Rectangle(box[:2], box[2], box[3], fill=False, color="red", linewidth=1.5))
+                ax.add_patch(Rectangle(box[:2] - 0.5, box[2], box[3], fill=False, color="red", linewidth=1.5))
                 ax.text(box[0], box[1], f"{class_names[label]} {score:.2f}", color="white", fontsize=7,
                         bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "linewidth": 0})
     fig.tight_layout()

@@ -59,7 +59,7 @@ class DETRHead(nn.Module):
 
     def __init__(
         self, *, in_dim: int, num_classes: int, d_model: int = 256, num_heads: int = 8, num_layers: int = 6,
-        dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
+        dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100, pos_temperature: float = 10000.0,
     ):
         super().__init__()
         self.input_proj = nn.Linear(in_dim, d_model)  # DETR's 1x1 conv, on tokens
@@ -68,11 +68,11 @@ class DETRHead(nn.Module):
         self.norm = nn.LayerNorm(d_model)  # shared by every layer's output, as in DETR
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, [d_model, d_model, 4])  # DETR's 3-layer box FFN
-        self.d_model = d_model
+        self.d_model, self.pos_temperature = d_model, pos_temperature
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> dict:
         memory = self.input_proj(features)
-        memory_pos = sine_position_encoding(*grid, self.d_model).to(memory)[None]
+        memory_pos = sine_position_encoding(*grid, self.d_model, temperature=self.pos_temperature).to(memory)[None]
         query_pos = self.query_pos.weight[None].expand(memory.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)
         layers = []

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from data_pipeline.storage import write_atomic
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import dump_config
-from pretrain.detection.config import DetectConfig, ShapesSource
-from pretrain.detection.data import DetectionTransform, ensure_shapes, eval_loader, source_class_names, train_batches
+from pretrain.detection.config import DetectConfig
+from pretrain.detection.data import DetectionTransform, eval_loader, resolve_source, source_class_names, train_batches
 from pretrain.detection.evaluate import coco_map, gather_to_main, plot_predictions, predict
 from pretrain.detection.head import DETRHead
 from pretrain.detection.losses import SetCriterion
@@ -60,10 +60,8 @@ def run(cfg: DetectConfig, dist_info: DistInfo) -> dict[str, float]:
     data = cfg.data
     mean = data.mean or tuple(backbone_meta.get("mean", (0.5, 0.5, 0.5)))
     std = data.std or tuple(backbone_meta.get("std", (0.5, 0.5, 0.5)))
-    sources = {}
-    for split in ("train", "val"):
-        source = getattr(data, split)
-        sources[split] = ensure_shapes(source, num_classes=data.num_classes, is_main=dist_info.is_main) if isinstance(source, ShapesSource) else source
+    sources = {split: resolve_source(getattr(data, split), num_classes=data.num_classes, is_main=dist_info.is_main)
+               for split in ("train", "val")}
     class_names = source_class_names(sources["val"], data.num_classes)
     common = dict(num_classes=data.num_classes, max_objects=data.max_objects, batch_size=data.batch_size,
                   rank=dist_info.rank, world_size=dist_info.world_size, num_workers=data.num_workers)

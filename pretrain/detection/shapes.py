@@ -14,17 +14,13 @@ from PIL import Image, ImageDraw
 
 from data_pipeline.storage import write_atomic
 
-SHAPES = ("rectangle", "ellipse", "triangle")
-
-
-def _draw(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:
-    x0, y0, x1, y1 = box
-    if kind == "rectangle":
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
-    elif kind == "ellipse":
-        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=colour)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=colour)
+# Class i draws SHAPES' i-th entry into the box (x0, y0, x1, y1), x1/y1 exclusive.
+SHAPES = {
+    "rectangle": lambda draw, x0, y0, x1, y1, fill: draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill),
+    "ellipse": lambda draw, x0, y0, x1, y1, fill: draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill),
+    "triangle": lambda draw, x0, y0, x1, y1, fill: draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill),
+}
+KINDS = list(SHAPES)
 
 
 def _iou(a: tuple, b: tuple) -> float:
@@ -37,7 +33,7 @@ def _iou(a: tuple, b: tuple) -> float:
 
 def shapes_image(rng: np.random.Generator, *, image_size: int, num_classes: int, max_objects: int) -> tuple[Image.Image, list[dict]]:
     """One image and its objects [{"bbox": [x, y, w, h], "category_id": class}]."""
-    pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) // 2 + 32  # dim noise
+    pixels = rng.integers(0, 96, (image_size, image_size, 3), dtype=np.uint8)  # dim noise under bright shapes
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     placed: list[tuple[int, int, int, int]] = []
@@ -52,7 +48,7 @@ def shapes_image(rng: np.random.Generator, *, image_size: int, num_classes: int,
         else:
             continue
         cls = int(rng.integers(num_classes))
-        _draw(draw, SHAPES[cls], box, tuple(int(c) for c in rng.integers(128, 256, 3)))
+        SHAPES[KINDS[cls]](draw, *box, fill=tuple(int(c) for c in rng.integers(144, 256, 3)))
         placed.append(box)
         objects.append({"bbox": [x0, y0, w, h], "category_id": cls})
     return image, objects
@@ -62,7 +58,7 @@ def write_shapes(root: str | Path, *, num_images: int, image_size: int = 64, num
                  max_objects: int = 3, seed: int = 0) -> Path:
     """`root/images/*.png` + `root/annotations.json` (COCO); kept if already written with the same settings."""
     if not 1 <= num_classes <= len(SHAPES):
-        raise ValueError(f"the shapes set has 1 to {len(SHAPES)} classes ({', '.join(SHAPES)}), not {num_classes}")
+        raise ValueError(f"the shapes set has 1 to {len(SHAPES)} classes ({', '.join(KINDS)}), not {num_classes}")
     root = Path(root)
     settings = dict(num_images=num_images, image_size=image_size, num_classes=num_classes, max_objects=max_objects, seed=seed)
     ann_path = root / "annotations.json"
@@ -86,7 +82,7 @@ def write_shapes(root: str | Path, *, num_images: int, image_size: int = 64, num
         "info": {"description": "generated shapes", "settings": settings},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": c + 1, "name": SHAPES[c]} for c in range(num_classes)],
+        "categories": [{"id": c + 1, "name": KINDS[c]} for c in range(num_classes)],
     }
     write_atomic(ann_path, json.dumps(coco).encode())
     return ann_path
