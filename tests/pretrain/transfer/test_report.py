@@ -1,0 +1,120 @@
+"""`python -m pretrain report` builds its table from MLflow alone: a sqlite store and a real `mlflow server`."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pretrain.__main__ import main as cli
+from pretrain.fewshot_cli import FewshotResults, log_fewshot
+from pretrain.report import build_report
+from pretrain.tracking import MLflowTracker
+
+
+def populate(uri: str) -> dict[str, str]:
+    """What the stages log: a pretraining run with few-shot every 100 steps, a few-shot run and two
+    fine-tunes of its final export, and a few-shot run of a checkpoint whose pretraining run lives elsewhere."""
+    pre = MLflowTracker(tracking_uri=uri, experiment="paper", run_name="vit-s16", tags={"stage": "pretrain"})
+    for step, acc in ((100, [0.30, 0.34, 0.32]), (200, [0.50, 0.52, 0.54])):
+        log_fewshot(pre, FewshotResults({"cifar10": {5: acc}}, 1024.0), step=step)
+    pre.log_metrics({"loss": 0.5}, step=200)
+    pre.close()
+    tags = {"pretrain_run_id": pre.run_id, "pretrain_step": "300", "model": "vit_s16", "model_source": f"runs:/{pre.run_id}"}
+    fs = MLflowTracker(tracking_uri=uri, experiment="paper", run_name="fewshot", tags={"stage": "fewshot", **tags})
+    log_fewshot(fs, FewshotResults({"cifar10": {1: [0.2, 0.3, 0.4], 5: [0.6, 0.6, 0.6]}, "pets": {5: [0.1, 0.2, 0.3]}}, 2.0))
+    fs.close()
+    for dataset, accs in (("cifar10", [0.95, 0.97]), ("pets", [0.80, 0.90])):
+        tr = MLflowTracker(tracking_uri=uri, experiment="paper", run_name=f"transfer-{dataset}", tags={"stage": "transfer", "dataset": dataset, **tags})
+        tr.log_metrics({"top1/seed0": accs[0], "top1/seed1": accs[1], "top1": sum(accs) / 2, "top1/std": abs(accs[0] - accs[1]) / 2,
+                        "mean_per_class": accs[0], "mean_per_class/std": 0.0}, step=500)
+        tr.close()
+    other = MLflowTracker(tracking_uri=uri, experiment="paper", run_name="fewshot-elsewhere",
+                          tags={"stage": "fewshot", "pretrain_run_id": "abcdef0123456789", "pretrain_step": "50"})
+    log_fewshot(other, FewshotResults({"cifar10": {5: [0.25]}}, 1.0))
+    other.close()
+    return {"pretrain": pre.run_id}
+
+
+def check_report(text: str, out: Path) -> None:
+    lines = text.splitlines()
+    assert lines[2] == "| data set | evaluation | abcdef01@50 | vit-s16@100 | vit-s16@200 | vit-s16@300 |"
+    assert lines[4:8] == ["| cifar10 | 1-shot | – | – | – | 30.0 ± 8.2 |",
+                          "| cifar10 | 5-shot | 25.0 ± 0.0 | 32.0 ± 1.6 | 52.0 ± 1.6 | 60.0 ± 0.0 |",
+                          "| cifar10 | fine-tune top-1 | – | – | – | 96.0 ± 1.0 |",
+                          "| cifar10 | fine-tune mean per-class | – | – | – | 95.0 ± 0.0 |"]
+    assert "| pets | fine-tune top-1 | – | – | – | 85.0 ± 5.0 |" in lines
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert len(rows) == 10
+    pets = next(r for r in rows if r["dataset"] == "pets" and r["setting"] == "5-shot")
+    assert float(pets["mean"]) == pytest.approx(0.2) and pets["seeds"] == "3" and pets["step"] == "300"
+    assert (out / "report.md").read_text() == text
+    with Image.open(out / "report.png") as png:
+        assert png.width > 300 and png.height > 200
+
+
+def test_report_from_sqlite(tracking_uri, tmp_path, capsys):
+    populate(tracking_uri)
+    assert cli(["report", "--experiment", "paper", "--tracking-uri", tracking_uri, "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    check_report((tmp_path / "rep" / "report.md").read_text(), tmp_path / "rep")
+    assert printed.startswith("# paper: accuracy (%), mean ± std over seeds")
+    with pytest.raises(LookupError, match=r"no MLflow experiment 'papers' at .* \(experiments there: .*paper"):
+        build_report(experiment="papers", tracking_uri=tracking_uri, out=tmp_path / "none")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(_mlflow_template, tmp_path):
+    """`mlflow server` on 127.0.0.1 over its own sqlite store, serving artifacts too."""
+    db = tmp_path / "server.db"
+    shutil.copy(_mlflow_template, db)
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", "--artifacts-destination", str(tmp_path / "artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "db": db}
+    os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: the CLI and its uvicorn worker
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_report_from_a_remote_mlflow_server(mlflow_server, tmp_path):
+    populate(mlflow_server["url"])
+    text, _ = build_report(experiment="paper", tracking_uri=mlflow_server["url"], out=tmp_path / "remote")
+    check_report(text, tmp_path / "remote")
+    # the same store read directly gives the same table
+    direct, _ = build_report(experiment="paper", tracking_uri=f"sqlite:///{mlflow_server['db']}", out=tmp_path / "direct")
+    assert direct == text
