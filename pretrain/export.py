@@ -55,7 +55,8 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu", image
         )
     meta = json.loads(side.read_text())
     kwargs = dict(meta.get("model_kwargs", {}))
-    resize = image_size is not None and image_size != meta["image_size"]
+    old_size = meta["image_size"]
+    resize = image_size is not None and image_size != old_size
     if resize:
         kwargs["img_size"] = image_size
         meta = {**meta, "image_size": image_size}
@@ -66,10 +67,11 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu", image
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         meta = {**meta, "num_classes": num_classes}
     if resize:
-        # timm's own converter resamples the position-embedding grid in 2-D, prefix tokens kept.
-        from timm.models.vision_transformer import checkpoint_filter_fn
+        # Every position-embedding kind (learned, 2-D halves, relative) resampled in 2-D, prefix tokens kept.
+        from pretrain.models.posembed import resize_pos_embed_in_state_dict
 
-        state = checkpoint_filter_fn(state, model)
+        state = resize_pos_embed_in_state_dict(state, model_name=meta["model"], old_img_size=old_size, new_img_size=image_size,
+                                               **{k: v for k, v in kwargs.items() if k != "img_size"})
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (new_head and k.startswith("head."))]
     if missing or unexpected:
