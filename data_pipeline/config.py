@@ -47,7 +47,8 @@ class DataConfig(StrictConfig):
     mixup_prob: float = Field(1.0, ge=0, le=1)
     mixup_switch_prob: float = Field(0.5, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="applied to mixup/cutmix soft targets")
-    fast_jpeg: bool = Field(True, description="decode JPEGs at reduced DCT scale when the crop allows (PIL draft)")
+    fast_jpeg: bool = Field(True, description="JPEGs decoded at reduced DCT scale when the crop allows (PIL draft), "
+                            "crops resized by torch's uint8 kernel; false: Pillow decodes, crops and resizes")
     normalize: Literal["imagenet", "inception", "clip"] | None = Field(None, description="sets mean/std to timm's constants")
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)

@@ -5,14 +5,17 @@ flip, RandAugment) into a uint8 array; per batch, `BatchFinisher` normalises wit
 model's mean/std and applies timm's mixup/cutmix (soft targets). Bad samples raise
 `BadSample` with a reason the stream counts.
 
-Fast JPEG path: the crop box is drawn from the image header before any pixel is decoded,
-then the JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: PIL `draft`) that still
-leaves the crop at least the output size, and the crop is resized straight from that
-reduced image. `tests/data_pipeline/test_decode.py` bounds its difference to the slow path
-(full decode, then crop and resize).
+Fast path (`fast_jpeg`): the crop box is drawn from the image header before any pixel is
+decoded. A JPEG whose crop allows it is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL
+`draft`), as long as the crop stays at least the output size, and Pillow resizes the
+crop's exact (fractional) box from that reduced image. Otherwise only the crop is copied
+out and resized by torch's antialiased uint8 kernel (vectorised: about 4x Pillow's
+resize). The slow path is what torchvision/timm do: Pillow decodes all, then crops and
+resizes. `tests/data_pipeline/test_decode.py` bounds the difference between the two.
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import random
@@ -21,10 +24,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.mixup import Mixup
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 
 from data_pipeline.sample import BadSample, decode_image, image_field, sample_labels, where
@@ -49,10 +54,26 @@ def build_transform(image_size: int, augment: str, mean, std) -> T.Compose:
 
 
 def seed_sample(seed: int) -> None:
-    """Seed every generator augmentations draw from (timm uses `random` and numpy, torchvision torch)."""
+    """Seed every generator augmentations draw from (timm uses `random` and numpy, torchvision
+    torch's CPU generator; `torch.manual_seed` would also seed lazily every GPU backend, ~1 ms)."""
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+def keep_freed_buffers() -> None:
+    """Make a loader process reuse freed image and batch buffers instead of returning them to
+    the OS: fresh pages cost a page fault each, and in VMs (Firecracker, gVisor) those cost
+    5-7 us, so a fresh float batch costs about a third of its decoding. Pillow keeps freed
+    blocks (PILLOW_BLOCKS_MAX); glibc serves every size from its heap, where freed batches
+    are reused (glibc cannot raise its mmap threshold past 32 MB, a batch of 64 at 224 px)."""
+    Image.core.set_blocks_max(max(Image.core.get_blocks_max(), 64))
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap per allocation
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed heap for the next batch
+    except (OSError, AttributeError):  # not glibc: allocation stays as it is
+        pass
 
 
 def crop_box(img: Image.Image, augment: Augment, *, scale, ratio, crop_pct: float) -> tuple[float, float, float, float]:
@@ -90,23 +111,44 @@ class ImagePipeline:
             self._randaugment = rand_augment_transform(self.randaugment, hparams)
 
     def __call__(self, data: bytes, where: str) -> np.ndarray:
+        """(size, size, 3) uint8; timm's order: random resized crop, flip, RandAugment."""
         out = (self.image_size, self.image_size)
         try:
             img = Image.open(io.BytesIO(data))
             box = crop_box(img, self.augment, scale=self.scale, ratio=self.ratio, crop_pct=self.crop_pct)
-            if self.fast_jpeg and img.format == "JPEG":
-                box = _draft(img, box, out)
-            img.load()
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            img = img.resize(out, INTERPOLATION[self.interpolation], box=box)
-        except Exception as err:  # PIL raises many types for broken bytes
+            flip = self.augment in ("flip", "inception") and random.random() < 0.5
+            pixels = self._fast(img, box, out, flip) if self.fast_jpeg else self._slow(img, box, out, flip)
+        except Exception as err:  # PIL and libjpeg raise many types for broken bytes
             raise BadSample("undecodable", f"{where}: {err}") from None
-        if self.augment in ("flip", "inception") and random.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self._randaugment is not None:
-            img = self._randaugment(img)
-        return np.asarray(img)
+            pixels = np.asarray(self._randaugment(Image.fromarray(pixels)))
+        return pixels
+
+    def _resize_pil(self, img: Image.Image, box, out, flip: bool) -> np.ndarray:
+        img = img.resize(out, INTERPOLATION[self.interpolation], box=box)
+        return np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img)
+
+    def _slow(self, img: Image.Image, box, out, flip: bool) -> np.ndarray:
+        img.load()
+        return self._resize_pil(img.convert("RGB"), box, out, flip)
+
+    def _fast(self, img: Image.Image, box, out, flip: bool) -> np.ndarray:
+        full_size = img.size
+        if img.format == "JPEG":
+            box = _draft(img, box, out)
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if img.size != full_size:  # drafted: the box is fractional in the reduced image, which Pillow resizes exactly
+            return self._resize_pil(img, box, out, flip)
+        left, top = round(box[0]), round(box[1])  # whole pixels already, except a centre crop's half pixel
+        right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
+        pixels = torch.frombuffer(bytearray(img.crop((left, top, right, bottom)).tobytes()), dtype=torch.uint8)
+        crop = pixels.view(1, bottom - top, right - left, 3).permute(0, 3, 1, 2)  # HWC is channels-last NCHW
+        resized = F.interpolate(crop, size=out, mode=self.interpolation, antialias=True)
+        if flip:
+            resized = resized.flip(-1)
+        return resized[0].permute(1, 2, 0).numpy()
 
 
 def _draft(img: Image.Image, box: tuple[float, float, float, float], out: tuple[int, int]) -> tuple[float, ...]:
@@ -154,33 +196,59 @@ class ClassificationDecoder(SampleDecoder):
 
     pipeline: ImagePipeline | None = None
 
-    def __call__(self, sample: dict) -> tuple[np.ndarray, torch.Tensor]:
+    def target(self, sample: dict) -> int | np.ndarray:
+        """A class index (single), a float32 multi-hot vector (multi) or -1 (none); the batch
+        finisher makes one tensor of them (a tensor per sample costs more than its decode step)."""
+        if self.label_mode == "none":
+            return -1
+        labels = sample_labels(sample, self.num_classes)
+        if self.label_mode == "single":
+            return labels[0]
+        hot = np.zeros(self.num_classes, dtype=np.float32)
+        hot[labels] = 1.0
+        return hot
+
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int | np.ndarray]:
         target = self.target(sample)  # labels first: a bad label costs no decode
         return self.pipeline(sample[image_field(sample)], where(sample)), target
 
 
 @dataclass
 class BatchFinisher:
-    """uint8 images and targets of one batch -> normalised float NCHW batch and targets,
-    with mixup/cutmix when configured (in the worker, on the whole batch)."""
+    """uint8 HWC images and targets of one batch -> normalised float batch and targets, with
+    mixup/cutmix when configured (in the worker, on the whole batch).
+
+    The batch is (B, 3, H, W) in channels_last memory: normalising the HWC pixels row by row
+    needs no transposition (a quarter of the per-image cost otherwise); models and `.to()`
+    accept it as any NCHW tensor.
+    """
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mixup: Mixup | None = None
 
-    def __post_init__(self):
-        # x / 255 - mean) / std as one multiply-add per element
-        self._scale = (1.0 / (255.0 * torch.tensor(self.std))).view(1, 3, 1, 1)
-        self._shift = (-torch.tensor(self.mean) / torch.tensor(self.std)).view(1, 3, 1, 1)
-
-    def __call__(self, images: list[np.ndarray], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-        batch = torch.empty(pixels.shape, dtype=torch.float32)
-        torch.addcmul(self._shift, pixels, self._scale, out=batch)
-        target = torch.stack(targets)
+    def __call__(self, images: list[np.ndarray], targets: list) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.from_numpy(np.stack(images, out=np.empty((len(images), *images[0].shape), dtype=np.uint8)))
+        b, h, w, c = pixels.shape
+        scale = (1.0 / (255.0 * torch.tensor(self.std))).repeat(w)  # one image row: w x (r, g, b)
+        shift = (-torch.tensor(self.mean) / torch.tensor(self.std)).repeat(w)
+        rows = _float_rows(b * h, w * c)
+        torch.addcmul(shift, pixels.view(b * h, w * c), scale, out=rows)
+        batch = rows.view(b, h, w, c).permute(0, 3, 1, 2)
+        target = torch.from_numpy(np.array(targets))
         if self.mixup is not None:
             batch, target = self.mixup(batch, target)
         return batch, target
+
+
+def _float_rows(n: int, width: int) -> torch.Tensor:
+    """An uninitialised float32 (n, width) tensor; in a loader worker it is allocated in shared
+    memory, so handing the batch to the main process copies nothing (as DataLoader's own
+    collate does, through the same storage call)."""
+    if get_worker_info() is None:
+        return torch.empty(n, width)
+    storage = torch.UntypedStorage._new_shared(n * width * 4)
+    return torch.tensor([], dtype=torch.float32).set_(storage, 0, (n, width))
 
 
 def build_mixup(*, mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float, label_smoothing: float,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.decode import BadSample, seed_sample
+from data_pipeline.decode import BadSample, keep_freed_buffers, seed_sample
 from data_pipeline.plan import Generation, current_pieces, slot_order
 from data_pipeline.shards import ShardCursor, UnreadableSample
 from data_pipeline.storage import open_url
@@ -112,6 +112,8 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
+        if info is not None:
+            keep_freed_buffers()
         gen = self.generations[-1]
         worker = info.id if info is not None else 0
         slot = self.rank * gen.workers + worker

@@ -142,7 +142,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(photo_shards, tmp_path, 
     rewrite_tar(tmp_path / "train-000001.tar", lambda m: m.update({"p_012.cls": b"9", "p_015.cls": b"x"}))
     data = (tmp_path / "train-000002.tar").read_bytes()
     (tmp_path / "train-000002.tar").write_bytes(data[: len(data) * 6 // 10])  # cut mid-shard
-    with pytest.raises(tarfile.TarError), open(tmp_path / "train-000002.tar", "rb") as f:
+    with pytest.raises(EOFError), open(tmp_path / "train-000002.tar", "rb") as f:
         readable = []
         readable.extend(iter_tar_samples(f, "x"))
     urls = str(tmp_path / "train-{000000..000003}.tar")

@@ -165,3 +165,18 @@ def test_write_to_s3_then_stream_back(tmp_path, photos, s3_server, monkeypatch):
     again = write_source(source, f"s3://{bucket}/sets/photos", prefix="train", samples_per_shard=5)
     assert again == info
     storage._s3_client_for.cache_clear()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reader_follows_long_names_pax_headers_and_skips_directories(tmp_path, fmt):
+    long_key = "d" * 120 + "/ünïcode_" + "k" * 90
+    with tarfile.open(tmp_path / "t.tar", "w", format=fmt) as tar:
+        tar.add(tmp_path, arcname="a_dir", recursive=False)  # a directory member
+        for name, data in ((f"{long_key}.jpg", b"\xff\xd8img"), (f"{long_key}.cls", b"4"), ("short.png", b"png")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(tmp_path / "t.tar", "rb") as f:
+        got = list(iter_tar_samples(f, "t.tar"))
+    assert [(g["__key__"], sorted(k for k in g if not k.startswith("__"))) for g in got] == [(long_key, ["cls", "jpg"]), ("short", ["png"])]
+    assert got[0]["jpg"] == b"\xff\xd8img"

@@ -1,0 +1,146 @@
+"""Training-data throughput per CPU core: our shard stream against timm's WebDataset loader
+and against the cost of decoding the JPEGs alone.
+
+The photos are real: JPEG patches (224-300 px, quality 90) cut and rescaled from
+scikit-learn's two sample photographs (no download), written as shards once. Each loader
+produces the same training batches: random-resized crop to 224 px (bilinear), horizontal
+flip, ImageNet normalisation, float32 NCHW. Everything runs in one process with one torch
+thread (num_workers=0). Per core = samples per second of this process's CPU time
+(`time.process_time`), which other programs on a shared machine disturb far less than
+wall-clock time (also printed). Loaders are timed in turns, `--repeats` times, over the
+whole epoch, and the medians are reported. All rows run with the allocator settings our
+loader workers use (`keep_freed_buffers`), so none pays page faults the others do not.
+
+    python bench/data_throughput.py [--images 1024] [--repeats 5]
+
+Rows:
+  decode_limit  PIL: open + decode + convert RGB + resize to 224x224 of each JPEG, nothing
+                else (no tar reading, crop choice, flip, tensors or batching): the limit
+  timm_wds      timm.data.create_dataset('wds/...') + create_loader (the same augmentation,
+                colour jitter off), use_prefetcher False and True (normalising in the main
+                process on the CPU); the faster is the baseline
+  ours          data_pipeline.loader.build_loader (shuffle buffer 256, fast JPEG path on)
+
+Last line: RESULT ours_vs_timm=<ours / best timm> ours_vs_decode_limit=<ours / limit>
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.config import DataConfig  # noqa: E402
+from data_pipeline.decode import keep_freed_buffers  # noqa: E402
+from data_pipeline.loader import build_loader  # noqa: E402
+from data_pipeline.sample import Sample  # noqa: E402
+from data_pipeline.writer import write_split  # noqa: E402
+
+SIZE = 224
+BATCH = 64
+
+
+def photo_patches(n: int, seed: int = 0) -> list[bytes]:
+    folder = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "images"
+    photos = [Image.open(folder / name).convert("RGB") for name in ("china.jpg", "flower.jpg")]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        photo = photos[i % 2]
+        side = int(rng.integers(160, min(photo.size) + 1))
+        aspect = float(rng.uniform(0.8, 1.25))
+        w, h = min(photo.size[0], int(side * aspect)), min(photo.size[1], side)
+        x, y = int(rng.integers(0, photo.size[0] - w + 1)), int(rng.integers(0, photo.size[1] - h + 1))
+        target = int(rng.integers(224, 301))
+        scale = target / max(w, h)
+        patch = photo.crop((x, y, x + w, y + h)).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        patch.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_limit(jpegs: list[bytes]) -> int:
+    for data in jpegs:
+        Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    return len(jpegs)
+
+
+def timm_epoch(root: str, prefetcher: bool) -> int:
+    from timm.data import create_dataset, create_loader
+
+    dataset = create_dataset("wds/bench", root=root, split="train", is_training=True, batch_size=BATCH, seed=0)
+    loader = create_loader(
+        dataset, input_size=(3, SIZE, SIZE), batch_size=BATCH, is_training=True, color_jitter=None, interpolation="bilinear",
+        num_workers=0, use_prefetcher=prefetcher, device=torch.device("cpu"), persistent_workers=False,
+    )
+    seen = 0
+    for images, _ in loader:
+        assert images.shape[1:] == (3, SIZE, SIZE) and images.dtype == torch.float32
+        seen += len(images)
+    return seen
+
+
+def ours_epoch(pattern: str, epoch: int) -> int:
+    cfg = DataConfig(train_urls=pattern, batch_size=BATCH, num_workers=0, shuffle_buffer=256, image_size=SIZE,
+                     num_classes=2, augment="inception", normalize="imagenet", seed=epoch + 1)
+    loader = build_loader(cfg, rank=0, world_size=1, urls=pattern, train=True)
+    seen = 0
+    for images, _ in itertools.islice(iter(loader), loader.stream.batches_per_epoch()):
+        assert images.shape[1:] == (3, SIZE, SIZE) and images.dtype == torch.float32
+        seen += len(images)
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=1024, help="JPEG patches in the shards (a multiple of 64)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    keep_freed_buffers()
+    jpegs = photo_patches(args.images)
+    print(f"{len(jpegs)} JPEG patches, mean {np.mean([len(j) for j in jpegs]) / 1e3:.1f} kB, load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as root:
+        write_split((Sample(f"img_{i:06d}", data, "jpg", i % 2) for i, data in enumerate(jpegs)), root,
+                    prefix="train", samples_per_shard=256)
+        pattern = f"{root}/train-{{000000..{(len(jpegs) - 1) // 256:06d}}}.tar"
+        runs = {
+            "decode_limit": lambda r: decode_limit(jpegs),
+            "timm_wds": lambda r: timm_epoch(root, prefetcher=False),
+            "timm_wds_prefetcher": lambda r: timm_epoch(root, prefetcher=True),
+            "ours": lambda r: ours_epoch(pattern, r),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        wall: dict[str, list[float]] = {name: [] for name in runs}
+        for name, run in runs.items():  # warm-up: imports, first-touch caches
+            run(-1)
+        for r in range(args.repeats):
+            for name, run in runs.items():
+                cpu, start = time.process_time(), time.perf_counter()
+                n = run(r)
+                rates[name].append(n / (time.process_time() - cpu))
+                wall[name].append(n / (time.perf_counter() - start))
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"{'loader':<22}{'samples/s/core (median)':>25}{'min':>9}{'max':>9}{'wall samples/s':>16}")
+    for name, values in rates.items():
+        print(f"{name:<22}{median[name]:>25.1f}{min(values):>9.1f}{max(values):>9.1f}{statistics.median(wall[name]):>16.1f}")
+    timm_best = max(median["timm_wds"], median["timm_wds_prefetcher"])
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print(f"RESULT ours_vs_timm={median['ours'] / timm_best:.2f} ours_vs_decode_limit={median['ours'] / median['decode_limit']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
