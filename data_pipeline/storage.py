@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 STREAM_RETRIES = 6
 BACKOFF_S = 0.25
 READ_TIMEOUT_S = 60
+# Shards above this size go to S3 as a multipart upload of parts this size: a 1 GB shard is
+# 16 parts, well under S3's limit of 10,000.
+MULTIPART_BYTES = 64 << 20
 # Bytes asked of the connection per read: what a break can lose, as clients drop a partial read.
 CHUNK = 64 << 10
 
@@ -367,9 +370,8 @@ class S3Target:
         from boto3.s3.transfer import TransferConfig
 
         try:
-            # 64 MB parts: a 1 GB shard is 16 parts, well under S3's 10,000-part limit
             self.client.upload_file(str(temp), self.bucket, self.prefix + name,
-                                    Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20))
+                                    Config=TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES))
         except Exception as err:
             raise s3_error(err, f"{self.url}/{name}") from err
         finally:

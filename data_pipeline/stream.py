@@ -7,6 +7,7 @@ count into a `state_dict()` (see `plan.py` for why the count is enough).
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable, Iterator
@@ -114,6 +115,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         if info is not None:
             keep_freed_buffers()
+        # in the training process itself (num_workers=0) the per-sample seeding must not
+        # leak into the trainer's random state: it is swapped out while we decode
+        caller = _rng_state() if info is None else None
         gen = self.generations[-1]
         worker = info.id if info is not None else 0
         slot = self.rank * gen.workers + worker
@@ -156,13 +160,29 @@ class ShardStream(IterableDataset):
                     pending = 0
                     while len(items) >= gen.batch:
                         batch, items = items[: gen.batch], items[gen.batch :]
-                        seed_sample(hash((self.seed, self.epoch, -1, batch[0][2])) & 0x7FFFFFFF)  # mixup draws per batch (ints hash the same in every process)
+                        seed_sample(hash((self.seed, self.epoch, -1, batch[0][2])) & 0x7FFFFFFF)  # mixup's draws
                         images, targets = self.finish([b[0] for b in batch], [b[1] for b in batch])
+                        if caller is not None:
+                            _set_rng_state(caller)
                         yield images, targets, dict(bad)
+                        if caller is not None:
+                            caller = _rng_state()
             if pending:
                 raise TooManyBadSamples(f"slot {slot} found no decodable sample ({dict(bad)})")
         finally:
             cursor.close()
+            if caller is not None:
+                _set_rng_state(caller)
+
+
+def _rng_state() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_state(state: tuple) -> None:
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
 
 
 def stack_batch(images: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ An unknown key or a wrong type fails before any work, naming the key and the fil
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -30,6 +30,8 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     decay: Literal["linear", "cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay (BEiT): block i of L gets "
+                                      "lr x layer_decay^(L-i); timm's param_groups_layer_decay")
 
 
 class EngineConfig(_Strict):
@@ -38,8 +40,31 @@ class EngineConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = Field(1, gt=0)
+    global_batch: int | None = Field(None, gt=0, description="when set, grad_accum_steps is derived at start: "
+                                     "global_batch / (data.batch_size x ranks), which must divide evenly")
     grad_clip: float = Field(1.0, ge=0)
     deepspeed_json: str | None = None
+
+
+class EmaConfig(_Strict):
+    """Exponential moving average of the weights, sharded over the ranks; exported as `model_ema`."""
+
+    decay: float = Field(0.9999, gt=0, lt=1)
+    warmup: bool = Field(True, description="decay min(decay, (1+t)/(10+t)) at update t, so early weights fade fast")
+
+
+class FewshotHookConfig(_Strict):
+    """Few-shot ridge evaluation of the backbone every `every` steps (rank 0, on a gathered fp32 copy)."""
+
+    every: int = Field(gt=0)
+    datasets: list[str] = Field(min_length=1, description="names of pretrain.datasets, or name=root")
+    data_root: str | None = None
+    shots: list[int] = Field([10], min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    l2: float | None = Field(None, gt=0, description="None: chosen on the dev splits")
+    max_train_per_class: int | None = Field(None, gt=0)
+    max_test: int | None = Field(None, gt=0)
+    batch_size: int = Field(256, gt=0)
 
 
 class TrainConfig(_Strict):
@@ -50,9 +75,15 @@ class TrainConfig(_Strict):
     ckpt_every: int = Field(0, ge=0, description="0: only at the end")
     keep_last: int = Field(2, gt=0)
     output_dir: str = "runs/pretrain"
+    remote_uri: str | None = Field(None, pattern=r"^s3://[^/]+", description="s3://bucket/prefix mirroring output_dir: "
+                                   "checkpoints uploaded after each save, resumed from when the local copy is missing")
     resume: bool = False
     eval_every: int = Field(0, ge=0)
     seed: int = 0
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device for MFU; default: from the device")
+    ema: EmaConfig | None = None
+    fewshot: FewshotHookConfig | None = None
+    visualize_every: int = Field(0, ge=0, description="objectives with visualize(images): a PNG every N steps")
 
 
 class TrackingConfig(_Strict):
@@ -133,24 +164,25 @@ def dump_config(config: BaseModel) -> dict[str, Any]:
 
 
 class TransferDataConfig(_Strict):
-    name: str = Field(description="a data set of pretrain.datasets: digits, cifar10, ...")
-    root: str | None = Field(None, description="folder of the data set's official files")
-    image_size: int = Field(gt=0, description="fine-tuning resolution; position embeddings are resampled")
-    batch_size: int = Field(64, gt=0, description="micro-batch per rank")
+    name: str = Field(description="a data set of pretrain.datasets: cifar10, cifar100, pets, flowers102, imagefolder, digits")
+    root: str | None = Field(None, description="folder (or .tar.gz) of the data set's official files")
+    image_size: int = Field(gt=0, description="fine-tuning resolution; position embeddings are resampled in 2-D")
+    batch_size: int = Field(64, gt=0, description="micro-batch per rank (engine.global_batch sets the global one)")
     num_workers: int = Field(0, ge=0)
-    augment: Literal["none", "flip", "inception"] = "flip"
-    dev_fraction: float = Field(0.1, gt=0, lt=1, description="held out of train to choose the lr")
+    augment: Literal["none", "flip", "inception"] = "inception"
+    dev_fraction: float | None = Field(None, gt=0, lt=1, description="held out of train to choose the lr; default: "
+                                       "the data set's own (2 % CIFAR, 10 % Pets and Flowers)")
 
 
 class TransferConfig(_Strict):
     """Fine-tuning recipe of the ViT paper (App. B.1.1): zero-init head, SGD, cosine, clip 1."""
 
-    model: str = Field(description="exported .safetensors of a pretraining run")
+    model: str = Field(description="exported .safetensors, s3://bucket/key.safetensors, runs:/<run id> or mlflow:<run id>")
     data: TransferDataConfig
     optim: OptimConfig = OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, decay="cosine")
-    lr_grid: list[float] = Field(default_factory=list, description="chosen on the dev split when given")
+    lr_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list, description="chosen on the dev split when given")
     engine: EngineConfig = EngineConfig(zero_stage=0)
     steps: int = Field(gt=0)
-    seed: int = 0
+    seeds: list[int] = Field([0], min_length=1, description="final fine-tuning runs; mean and std are reported")
     output_dir: str = "runs/transfer"
     tracking: TrackingConfig = TrackingConfig()

@@ -1,18 +1,21 @@
-"""The DeepSpeed engine: its JSON config generated from our typed config, and one train step."""
+"""The DeepSpeed engine: its JSON config generated from our typed config, the optimizer, one
+train step, and full-weight copies of a (possibly ZeRO-3 partitioned) module for evaluation."""
 from __future__ import annotations
 
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch.optim.lr_scheduler import LambdaLR
 
 from pretrain.config import EngineConfig, OptimConfig
 from pretrain.schedule import lr_multiplier
+
+BACKBONE = "backbone"  # every objective keeps its model in this attribute
 
 
 def _deep_update(base: dict, update: dict) -> dict:
@@ -22,15 +25,28 @@ def _deep_update(base: dict, update: dict) -> dict:
     return out
 
 
-def deepspeed_config(engine: EngineConfig, *, micro_batch: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for `engine`; a user's `deepspeed_json` file overrides its keys."""
+def resolve_grad_accum(engine: EngineConfig, *, micro_batch: int, world_size: int) -> int:
+    """Accumulation steps: `engine.global_batch / (micro_batch x world_size)` when a global batch
+    is set (the same recipe then runs on any number of ranks), else `engine.grad_accum_steps`."""
+    if engine.global_batch is None:
+        return engine.grad_accum_steps
+    per_step = micro_batch * world_size
+    if engine.global_batch % per_step:
+        raise ValueError(
+            f"engine.global_batch={engine.global_batch} is not a multiple of data.batch_size={micro_batch} "
+            f"x {world_size} ranks: change data.batch_size or the number of ranks"
+        )
+    return engine.global_batch // per_step
+
+
+def deepspeed_config(engine: EngineConfig, *, micro_batch: int, grad_accum_steps: int | None = None,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON for `engine`; a user's `deepspeed_json` file overrides its keys.
+    `grad_accum_steps`: from `resolve_grad_accum` (default: `engine.grad_accum_steps`)."""
     zero: dict[str, Any] = {"stage": engine.zero_stage}
-    if engine.zero_stage == 3:
-        # Gather full weights at save time so exports need no offline consolidation step.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": engine.grad_accum_steps,
+        "gradient_accumulation_steps": grad_accum_steps or engine.grad_accum_steps,
         "gradient_clipping": engine.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": engine.precision == "bf16"},
@@ -38,25 +54,56 @@ def deepspeed_config(engine: EngineConfig, *, micro_batch: int) -> dict[str, Any
         "wall_clock_breakdown": False,
         # ZeRO without DeepSpeed's compiled optimizers: the client torch optimizer is used.
         "zero_allow_untested_optimizer": True,
+        # A checkpoint from another number of ranks, converted by pretrain.checkpoint.
+        "checkpoint": {"load_universal": load_universal},
     }
     if engine.deepspeed_json:
         path = Path(engine.deepspeed_json)
         if not path.is_file():
             raise FileNotFoundError(f"engine.deepspeed_json: {path} does not exist")
-        config = _deep_update(config, json.loads(path.read_text()))
+        try:
+            override = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"engine.deepspeed_json: {path} is not valid JSON: {err}") from None
+        if not isinstance(override, dict):
+            raise ValueError(f"engine.deepspeed_json: {path} must hold a JSON object of DeepSpeed settings")
+        config = _deep_update(config, override)
     return config
 
 
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """timm's groups: no weight decay on biases, norms, position embeddings and tokens; with
+    `layer_decay`, lr x layer_decay^(depth - layer) per backbone layer (timm's group_matcher).
+    Parameters outside the backbone (an objective's decoder, mask token) get the full lr."""
+    backbone = getattr(model, BACKBONE, model)
+    skip = {f"{BACKBONE}.{n}" if backbone is not model else n for n in getattr(backbone, "no_weight_decay", set)()}
+    if optim.layer_decay is None:
+        groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_list=skip)
+        return [{**g, "lr": optim.lr} for g in groups]
+    if not hasattr(backbone, "group_matcher"):
+        raise ValueError(f"optim.layer_decay needs a model with timm's group_matcher(); {type(backbone).__name__} has none")
+    groups = param_groups_layer_decay(backbone, optim.weight_decay, no_weight_decay_list=backbone.no_weight_decay(),
+                                      layer_decay=optim.layer_decay)
+    in_backbone = {id(p) for p in backbone.parameters()}
+    rest = nn.ParameterList([p for p in model.parameters() if id(p) not in in_backbone and p.requires_grad])
+    if len(rest):
+        groups += param_groups_weight_decay(rest, optim.weight_decay)
+    return [{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": optim.lr * g.get("lr_scale", 1.0)}
+            for g in groups if g["params"]]
+
+
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms, position embeddings and tokens (timm's grouping).
-    groups = param_groups_weight_decay(model, optim.weight_decay)
+    groups = param_groups(model, optim)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+    # The ViT paper's "Adam, weight decay 0.1" is flax.optim.Adam, whose decay is decoupled
+    # (p -= lr * wd * p): that is torch's AdamW. torch's Adam adds wd * p to the gradient.
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=optim.lr, betas=optim.betas)
 
 
-def build_engine(model: nn.Module, *, optim: OptimConfig, engine: EngineConfig, micro_batch: int, total_steps: int):
+def build_engine(model: nn.Module, *, optim: OptimConfig, engine: EngineConfig, micro_batch: int, total_steps: int,
+                 grad_accum_steps: int | None = None, load_universal: bool = False):
     """`deepspeed.initialize` over `model` with our optimizer and schedule; returns the engine."""
     import deepspeed
 
@@ -70,16 +117,20 @@ def build_engine(model: nn.Module, *, optim: OptimConfig, engine: EngineConfig, 
     )
     ds_engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(engine, micro_batch=micro_batch),
+        config=deepspeed_config(engine, micro_batch=micro_batch, grad_accum_steps=grad_accum_steps,
+                                load_universal=load_universal),
     )
     return ds_engine
+
+
+def input_dtype(ds_engine) -> torch.dtype:
+    return torch.bfloat16 if ds_engine.bfloat16_enabled() else torch.float32
 
 
 def train_step(ds_engine, batches) -> tuple[float, dict[str, float]]:
     """One optimizer step over `grad_accum_steps` micro-batches; returns mean loss and metrics."""
     losses, metrics = [], {}
-    device = ds_engine.device
-    dtype = torch.bfloat16 if ds_engine.bfloat16_enabled() else torch.float32
+    device, dtype = ds_engine.device, input_dtype(ds_engine)
     for images, targets in batches:
         loss, step_metrics = ds_engine(images.to(device, dtype), targets.to(device))
         ds_engine.backward(loss)
@@ -89,3 +140,44 @@ def train_step(ds_engine, batches) -> tuple[float, dict[str, float]]:
             metrics.setdefault(k, []).append(v.detach().float())
     out = {k: torch.stack(v).mean().item() for k, v in metrics.items()}
     return torch.stack(losses).mean().item(), out
+
+
+def full_state_dict(module: nn.Module, *, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The module's full weights and buffers, as fp32 CPU tensors on the main rank (None elsewhere).
+
+    Under ZeRO-3 the parameters are empty placeholders outside forward: they are gathered
+    (a collective: call on every rank), one module's worth at a time.
+    """
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
+    state: dict[str, torch.Tensor] = {}
+    if partitioned:
+        import deepspeed
+
+        # Gather each submodule's own parameters in turn, so no rank holds more than one
+        # layer's worth of gathered weights beyond its partition.
+        for prefix, sub in module.named_modules():
+            own = list(sub.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+                if is_main:
+                    for name, p in sub.named_parameters(recurse=False):
+                        state[f"{prefix}.{name}" if prefix else name] = p.detach().float().cpu().clone()
+        if is_main:
+            state.update({k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                          for k, v in module.state_dict().items() if k not in state})
+        return state if is_main else None
+    if not is_main:
+        return None
+    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+            for k, v in module.state_dict().items()}
+
+
+def eval_copy(module: nn.Module, build: Callable[[], nn.Module], *, is_main: bool, device: torch.device) -> nn.Module | None:
+    """A plain fp32 copy of `module` in eval mode on the main rank (None elsewhere), built by
+    `build()` and loaded with the full weights: evaluations and visualizations call any method
+    on it (forward_features, visualize) without DeepSpeed's partitioning hooks or bf16 inputs."""
+    state = full_state_dict(module, is_main=is_main)
+    if not is_main:
+        return None
+    copy = build()
+    copy.load_state_dict(state)
+    return copy.to(device).eval()

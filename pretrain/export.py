@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -87,54 +87,125 @@ def backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def consolidated_state_dict(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from any ZeRO stage's checkpoint files."""
-    if zero_stage == 0:
-        # Stage 0 keeps whole weights in the model-states file; its contents are plain tensors and
-        # containers, so the safe loader reads it.
-        states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        return {k: v.float() for k, v in states["module"].items()}
+def weights_source(*, zero_stage: int, precision: str, dtype: torch.dtype, weights: str) -> str:
+    """Where a checkpoint's weights are read from, the cheapest exact way.
+
+    "ema": the averaged weights (`train.ema`). "model_states": ZeRO-0/1/2 keep the whole module
+    in `mp_rank_00_model_states.pt`, in the training precision: exact for an fp32 run, and for a
+    bf16 export of a bf16 run (the module holds the bf16 rounding of the fp32 master); read
+    memory-mapped with weights_only=True, so stage 0's optimizer state in the same file is not
+    read. "zero_to_fp32": ZeRO-3 (the module holds placeholders) and fp32 exports of bf16 runs
+    rebuild the fp32 master from each rank's partition with DeepSpeed's zero_to_fp32, which
+    memory-maps the files and drops the optimizer moments unread.
+    """
+    if weights == "ema":
+        return "ema"
+    if zero_stage < 3 and (precision == "fp32" or dtype == torch.bfloat16):
+        return "model_states"
+    return "zero_to_fp32"
+
+
+def _source_files(source: str) -> tuple[str, ...]:
+    """Glob patterns of the checkpoint files a source reads (all that is fetched from S3)."""
+    return {"model_states": ("mp_rank_00_model_states.pt",), "zero_to_fp32": ("*model_states.pt", "*optim_states.pt"),
+            "ema": ("ema*",)}[source]
+
+
+def consolidated_state_dict(folder: Path, source: str) -> dict[str, torch.Tensor]:
+    """Full weights of the objective (all its parameters and buffers) in the checkpoint `folder`."""
+    if source == "ema":
+        from pretrain.ema import consolidated_ema
+
+        return consolidated_ema(folder)
+    if source == "model_states":
+        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True, mmap=True)
+        return dict(states["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=True)
+    return {k: v.contiguous() for k, v in lazy.items()}
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """`<output_dir>/checkpoints` (latest tag, or `tag`) -> safetensors + sidecar at `out`."""
-    checkpoint_dir = Path(checkpoint_dir)
+def _fetch_checkpoint(uri: str, tag: str | None, workdir: Path, *, dtype: torch.dtype, weights: str) -> tuple[Path, str]:
+    """Download from `uri` (an s3:// checkpoints folder) only the files the export reads."""
+    from fnmatch import fnmatch
+
+    from pretrain import remote
+
+    tag = tag or remote.read_text(remote.join(uri, "latest"))
     if tag is None:
-        latest = checkpoint_dir / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file: is it a train.output_dir/checkpoints folder?")
-        tag = latest.read_text().strip()
-    meta_path = checkpoint_dir / tag / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} missing: {checkpoint_dir / tag} is not a complete checkpoint")
-    train_meta = json.loads(meta_path.read_text())
-    config = train_meta["config"]
-    state = backbone_state_dict(consolidated_state_dict(checkpoint_dir, tag, config["engine"]["zero_stage"]))
-    meta = {
-        "model": config["model"]["name"],
-        "model_kwargs": config["model"]["kwargs"],
-        "num_classes": config["data"]["num_classes"],
-        "image_size": config["data"]["image_size"],
-        "mean": config["data"]["mean"],
-        "std": config["data"]["std"],
-        "run_id": train_meta.get("run_id"),
-        "step": train_meta["step"],
-    }
-    return save_exported(state, out, meta, dtype)
+        raise FileNotFoundError(f"{uri} has no 'latest' object: is it a train.remote_uri/checkpoints folder?")
+    tag = tag.strip()
+    meta_path = remote.download_file(remote.join(uri, tag, "meta.json"), workdir / tag / "meta.json")
+    engine = json.loads(meta_path.read_text())["config"]["engine"]
+    patterns = _source_files(weights_source(zero_stage=engine["zero_stage"], precision=engine["precision"], dtype=dtype,
+                                            weights=weights))
+    keys = [k for k in remote.list_keys(remote.join(uri, tag)) if "/" not in k and any(fnmatch(k, pat) for pat in patterns)]
+    for key in keys:
+        remote.download_file(remote.join(uri, tag, key), workdir / tag / key)
+    return workdir, tag
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str | None = None, dtype: torch.dtype = torch.float32,
+                      weights: str = "model") -> str | Path:
+    """`<output_dir>/checkpoints` (latest tag, or `tag`) -> safetensors + sidecar at `out`.
+
+    `weights`: "model" or "ema" (the moving average, with `train.ema`). Either end may be an
+    s3:// URI: only the files the export reads are downloaded; the result is uploaded.
+    """
+    import tempfile
+
+    from pretrain import remote
+
+    if weights not in ("model", "ema"):
+        raise ValueError(f"weights must be 'model' or 'ema', not {weights!r}")
+    with tempfile.TemporaryDirectory(prefix="export-") as work:
+        if remote.is_remote(checkpoint_dir):
+            checkpoint_dir, tag = _fetch_checkpoint(str(checkpoint_dir), tag, Path(work) / "in", dtype=dtype, weights=weights)
+        checkpoint_dir = Path(checkpoint_dir)
+        if tag is None:
+            latest = checkpoint_dir / "latest"
+            if not latest.is_file():
+                raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file: is it a train.output_dir/checkpoints folder?")
+            tag = latest.read_text().strip()
+        meta_path = checkpoint_dir / tag / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} missing: {checkpoint_dir / tag} is not a complete checkpoint")
+        train_meta = json.loads(meta_path.read_text())
+        config = train_meta["config"]
+        source = weights_source(zero_stage=config["engine"]["zero_stage"], precision=config["engine"]["precision"],
+                                dtype=dtype, weights=weights)
+        state = backbone_state_dict(consolidated_state_dict(checkpoint_dir / tag, source))
+        meta = {
+            "model": config["model"]["name"],
+            "model_kwargs": config["model"]["kwargs"],
+            "num_classes": config["data"]["num_classes"],
+            "image_size": config["data"]["image_size"],
+            "mean": config["data"]["mean"],
+            "std": config["data"]["std"],
+            "run_id": train_meta.get("run_id"),
+            "step": train_meta["step"],
+            "weights": weights,
+        }
+        if not remote.is_remote(out):
+            return save_exported(state, out, meta, dtype)
+        local = save_exported(state, Path(work) / "out" / Path(str(out)).name, meta, dtype)
+        remote.upload_file(local, str(out))
+        bucket, key = remote.split_uri(str(out))
+        remote.upload_file(sidecar_path(local), f"s3://{bucket}/{PurePosixPath(key).with_suffix('.json')}")
+        return str(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="train.output_dir/checkpoints")
+    parser.add_argument("--checkpoint", required=True, help="train.output_dir/checkpoints, or s3://bucket/run/checkpoints")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--out", required=True, help="output .safetensors path or s3:// URI (a .json sidecar goes beside it)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--weights", choices=["model", "ema"], default="model", help="ema: the moving average (train.ema)")
 
 
 def main(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    path = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=dtype)
-    print(f"exported {path} (+ {sidecar_path(path).name})")
+    path = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=dtype, weights=args.weights)
+    print(f"exported {path} (+ its .json sidecar)")
     return 0

@@ -58,7 +58,7 @@ class BackboneConfig(_Strict):
 
     checkpoint: str | None = Field(None, description="exported <name>.safetensors (sidecar <name>.json beside it)")
     model: str | None = Field(None, description="pretrain.models name, randomly initialised")
-    kwargs: dict = Field(default_factory=dict, description="extra constructor args for `model`")
+    kwargs: dict = Field(default_factory=dict, description="extra constructor args for `model` (not img_size)")
     freeze_steps: int = Field(0, ge=0, description="backbone learning rate is 0 for these first steps")
     lr_scale: float = Field(0.1, ge=0, description="backbone lr = optim.lr * lr_scale (DETR: 0.1)")
 
@@ -66,6 +66,8 @@ class BackboneConfig(_Strict):
     def _one_source(self):
         if (self.checkpoint is None) == (self.model is None):
             raise ValueError("give exactly one of backbone.checkpoint (an exported model) or backbone.model")
+        if "img_size" in self.kwargs:
+            raise ValueError("backbone.kwargs.img_size: the detection resolution is data.image_size")
         return self
 
 

@@ -33,13 +33,20 @@ class HungarianMatcher:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`logits` (B, Q, K+1), `boxes` (B, Q, 4); returns per image (query indices, target indices)."""
-        out = []
-        for b, target in enumerate(targets):
-            if len(target["labels"]) == 0:
-                empty = torch.empty(0, dtype=torch.long)
+        sizes = [len(t["labels"]) for t in targets]
+        out, empty = [], torch.empty(0, dtype=torch.long)
+        if not sum(sizes):
+            return [(empty, empty) for _ in targets]
+        # One cost matrix of every query against every target of the batch (DETR's way: few large
+        # ops instead of many small ones), then one assignment per image on its own block.
+        batch, queries = logits.shape[:2]
+        cost = matching_cost(logits.flatten(0, 1), boxes.flatten(0, 1), torch.cat([t["labels"] for t in targets]).to(logits.device),
+                             torch.cat([t["boxes"] for t in targets]).to(boxes.device), **self.weights)
+        blocks = cost.view(batch, queries, -1).cpu().split(sizes, dim=-1)
+        for b, block in enumerate(blocks):
+            if sizes[b] == 0:
                 out.append((empty, empty))
                 continue
-            cost = matching_cost(logits[b], boxes[b], target["labels"], target["boxes"], **self.weights)
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            rows, cols = linear_sum_assignment(block[b].numpy())
             out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
         return out

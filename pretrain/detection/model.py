@@ -9,34 +9,31 @@ from pretrain.detection.head import DETRHead
 from pretrain.detection.losses import SetCriterion
 
 
-def build_backbone(*, checkpoint: str | None, model: str | None, kwargs: dict) -> tuple[nn.Module, dict]:
-    """An exported model (with its sidecar meta) or a fresh registry model, classifier removed."""
+def build_backbone(*, checkpoint: str | None, model: str | None, kwargs: dict, image_size: int) -> tuple[nn.Module, dict]:
+    """The backbone at `image_size`, classifier removed, with its export meta ({} when built fresh).
+
+    An exported model's position embeddings are resampled in 2-D to the new patch grid
+    (`pretrain.export.load_exported(image_size=...)`).
+    """
     if checkpoint is not None:
         from pretrain.export import load_exported
 
-        backbone, meta = load_exported(checkpoint)
+        backbone, meta = load_exported(checkpoint, image_size=image_size)
     else:
         from pretrain.models import build_model
 
-        backbone, meta = build_model(model, num_classes=0, **kwargs), {}
+        backbone, meta = build_model(model, num_classes=0, img_size=image_size, **kwargs), {}
     backbone.reset_classifier(0)  # unused weights would get no gradient
     return backbone.train(), meta
-
-
-def resize_backbone(backbone: nn.Module, image_size: int) -> tuple[int, int]:
-    """Set a timm ViT's input size, resampling its position embeddings; returns the patch grid."""
-    if not hasattr(backbone, "set_input_size") or not hasattr(backbone, "patch_embed"):
-        raise TypeError(f"{type(backbone).__name__} is not a timm ViT-style model (no set_input_size/patch_embed)")
-    backbone.set_input_size(img_size=(image_size, image_size))
-    return tuple(backbone.patch_embed.grid_size)
 
 
 class Detector(nn.Module):
     """images (B, 3, S, S) -> {"logits", "boxes", "aux": [per earlier decoder layer]}."""
 
-    def __init__(self, backbone: nn.Module, head: DETRHead, grid: tuple[int, int]):
+    def __init__(self, backbone: nn.Module, head: DETRHead):
         super().__init__()
-        self.backbone, self.head, self.grid = backbone, head, grid
+        self.backbone, self.head = backbone, head
+        self.grid = tuple(backbone.patch_embed.grid_size)  # the patch tokens' (rows, columns)
         self.train_backbone = True  # False: features under no_grad (the frozen first steps)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

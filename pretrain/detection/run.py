@@ -22,29 +22,28 @@ from pretrain.detection.head import DETRHead
 from pretrain.detection.losses import SetCriterion
 from pretrain.detection.matcher import HungarianMatcher
 from pretrain.detection.export import save_detector
-from pretrain.detection.model import DetectionObjective, Detector, build_backbone, resize_backbone
+from pretrain.detection.model import DetectionObjective, Detector, build_backbone
 from pretrain.detection.optim import build_detection_engine
 from pretrain.distributed import DistInfo, print0
-from pretrain.engine import train_step
+from pretrain.engine import input_dtype, resolve_grad_accum, train_step
 from pretrain.tracking import build_tracker
 
 
 def build_objective(cfg: DetectConfig) -> tuple[DetectionObjective, dict]:
     """The detector and its loss; returns it with the backbone's export meta ({} when built fresh)."""
-    backbone, meta = build_backbone(checkpoint=cfg.backbone.checkpoint, model=cfg.backbone.model, kwargs=cfg.backbone.kwargs)
-    grid = resize_backbone(backbone, cfg.data.image_size)
+    backbone, meta = build_backbone(checkpoint=cfg.backbone.checkpoint, model=cfg.backbone.model, kwargs=cfg.backbone.kwargs,
+                                    image_size=cfg.data.image_size)
     head = DETRHead(in_dim=backbone.num_features, num_classes=cfg.data.num_classes, **cfg.head.model_dump())
     loss = cfg.loss
     matcher = HungarianMatcher(cost_class=loss.cost_class, cost_bbox=loss.cost_bbox, cost_giou=loss.cost_giou)
     criterion = SetCriterion(num_classes=cfg.data.num_classes, matcher=matcher, eos_coef=loss.eos_coef,
                              ce_weight=loss.ce_weight, bbox_weight=loss.bbox_weight, giou_weight=loss.giou_weight)
-    return DetectionObjective(Detector(backbone, head, grid), criterion, aux_loss=loss.aux_loss), meta
+    return DetectionObjective(Detector(backbone, head), criterion, aux_loss=loss.aux_loss), meta
 
 
 def evaluate(ds_engine, loader, *, num_classes: int, keep_images: int, progress: bool):
     """mAP over every rank's share (computed on rank 0, sent to all) and rank 0's first images."""
-    dtype = torch.bfloat16 if ds_engine.bfloat16_enabled() else torch.float32
-    predictions, truths, images = predict(ds_engine.module.detector, loader, device=ds_engine.device, dtype=dtype,
+    predictions, truths, images = predict(ds_engine.module.detector, loader, device=ds_engine.device, dtype=input_dtype(ds_engine),
                                           keep_images=keep_images, lockstep=ds_engine.zero_optimization_partition_weights(),
                                           progress=progress)
     predictions, truths = gather_to_main(predictions), gather_to_main(truths)
@@ -69,20 +68,23 @@ def run(cfg: DetectConfig, dist_info: DistInfo) -> dict[str, float]:
                            seed=data.seed, shuffle_buffer=data.shuffle_buffer, max_bad_fraction=data.max_corrupt_fraction, **common)
     val_loader = eval_loader(sources["val"], transform=DetectionTransform(data.image_size, mean, std), **common)
 
+    accum = resolve_grad_accum(cfg.engine, micro_batch=data.batch_size, world_size=dist_info.world_size)
+    output_dir = Path(cfg.train.output_dir)
+    checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=dist_info.rank,
+                                world_size=dist_info.world_size)
+    point = checkpointer.prepare_resume() if cfg.train.resume else None
     ds_engine = build_detection_engine(
-        objective, optim=cfg.optim, engine=cfg.engine, micro_batch=data.batch_size, total_steps=cfg.train.steps,
-        backbone_lr_scale=cfg.backbone.lr_scale, freeze_steps=cfg.backbone.freeze_steps,
+        objective, optim=cfg.optim, engine=cfg.engine, micro_batch=data.batch_size, grad_accum_steps=accum,
+        total_steps=cfg.train.steps, backbone_lr_scale=cfg.backbone.lr_scale, freeze_steps=cfg.backbone.freeze_steps,
+        load_universal=point is not None and point.universal,
     )
     detector = ds_engine.module.detector
-    output_dir = Path(cfg.train.output_dir)
-    checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=dist_info.rank)
     step, run_id = 0, None
-    if cfg.train.resume:
-        meta = checkpointer.load(ds_engine)
-        if meta is not None:
-            step, run_id = meta["step"], meta.get("run_id")
-            loader.load_state_dict(meta["data"])
-            print0(f"resumed from {meta['tag']} at step {step}")
+    if point is not None:
+        checkpointer.load(ds_engine, point)
+        step, run_id = point.step, point.meta.get("run_id")
+        loader.load_state_dict(point.meta["data"])
+        print0(f"resumed from {point.tag} at step {step}")
     tracker = build_tracker(
         is_main=dist_info.is_main, tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
         run_name=cfg.tracking.run_name, parent_run_id=cfg.tracking.parent_run_id, run_id=run_id,
@@ -104,7 +106,7 @@ def run(cfg: DetectConfig, dist_info: DistInfo) -> dict[str, float]:
         return metrics
 
     def save() -> None:
-        meta = [{"config": dump_config(cfg), "data": loader.state_dict(), "run_id": tracker.run_id, "world_size": dist_info.world_size}]
+        meta = [{"config": dump_config(cfg), "data": loader.state_dict(), "run_id": tracker.run_id}]
         dist.broadcast_object_list(meta, src=0)  # rank 0 alone knows the run id
         checkpointer.save(ds_engine, step=step, meta=meta[0])
 
@@ -112,7 +114,6 @@ def run(cfg: DetectConfig, dist_info: DistInfo) -> dict[str, float]:
     if cfg.train.eval_at_start and step == 0:
         results.update({f"{k}_at_start": v for k, v in validate(plot=False).items()})
         tracker.log_metrics(results, step=0)
-    accum = cfg.engine.grad_accum_steps
     global_batch = data.batch_size * accum * dist_info.world_size
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
@@ -140,6 +141,7 @@ def run(cfg: DetectConfig, dist_info: DistInfo) -> dict[str, float]:
     progress.close()
     results.update(validate(plot=True))
     save()
+    checkpointer.close()
     weights = save_detector(detector, output_dir / "export" / "detector.safetensors", is_main=dist_info.is_main, meta={
         "config": dump_config(cfg), "backbone_meta": backbone_meta, "class_names": class_names,
         "mean": list(mean), "std": list(std), "run_id": tracker.run_id, "step": step,

@@ -72,17 +72,21 @@ def test_s3_missing_object_and_unreachable_endpoint(s3_server, aws_env, monkeypa
         open_url(f"s3://{bucket}/x.tar")
 
 
-def test_s3_target_uploads_whole_files(s3_server, aws_env, tmp_path):
+def test_s3_target_uploads_whole_files_in_parts(s3_server, aws_env, monkeypatch):
     bucket = s3_server.create_bucket()
     aws_env(s3_server)
+    monkeypatch.setattr("data_pipeline.storage.MULTIPART_BYTES", 5 << 20)  # S3's smallest part
+    big = os.urandom(11 << 20)
     target = output_target(f"s3://{bucket}/shards/")
-    temp = target.temp_path("a.tar")
-    temp.parent.mkdir(parents=True, exist_ok=True)
-    temp.write_bytes(PAYLOAD)
-    assert not target.exists("a.tar")
-    target.commit(temp, "a.tar")
-    assert target.exists("a.tar") and not temp.exists()
-    assert s3_server.client().get_object(Bucket=bucket, Key="shards/a.tar")["Body"].read() == PAYLOAD
+    for name, data in (("small.tar", PAYLOAD), ("big.tar", big)):
+        temp = target.temp_path(name)
+        temp.write_bytes(data)
+        assert not target.exists(name)
+        target.commit(temp, name)
+        assert target.exists(name) and not temp.exists()
+        assert s3_server.client().get_object(Bucket=bucket, Key=f"shards/{name}")["Body"].read() == data
+    # S3 marks a multipart object's ETag with its part count
+    assert s3_server.client().head_object(Bucket=bucket, Key="shards/big.tar")["ETag"].strip('"').endswith("-3")
     target.close()
 
 
@@ -133,3 +137,16 @@ def test_http_missing_file_and_pipe_urls_are_refused(http_root):
         open_url(f"http://127.0.0.1:{port}/nope.tar")
     with pytest.raises(ValueError, match="pipe"):
         open_url("pipe:aws s3 cp s3://b/k -")
+
+
+def test_http_shard_set_takes_counts_from_info_json(http_root):
+    from data_pipeline.sample import Sample
+    from data_pipeline.stream import open_shard_set
+    from data_pipeline.writer import read_info, write_split
+
+    root, port = http_root
+    write_split([Sample(f"k_{i}", b"\x89PNG", "png", i) for i in range(8)], root, prefix="train", samples_per_shard=5)
+    (root / "train-000000.tar").rename(root / "renamed.tar")  # served, but not in the index: counted by reading
+    shards = open_shard_set(f"http://127.0.0.1:{port}/train-000001.tar::http://127.0.0.1:{port}/renamed.tar")
+    assert shards.lengths == [3, 5]
+    assert read_info(f"http://127.0.0.1:{port}")["splits"]["train"]["num_samples"] == 8

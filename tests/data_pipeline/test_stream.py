@@ -207,3 +207,18 @@ def test_plan_memory_does_not_grow_with_samples():
     assert sum(len(p.segments) for p in resumed) <= 4096 * 1000 + 2 * 3072
     consumed = sum(min(gens[0].slot_consumed(s), p.real) for s, p in enumerate(pieces))  # padding is not a sample
     assert consumed > 512 * 1000 * 64 and sum(p.real for p in resumed) == 300_000_000 - consumed
+
+
+def test_in_process_stream_leaves_the_trainers_random_state_alone(photo_shards):
+    import random
+
+    import numpy as np
+
+    urls = str(photo_shards / "train-{000000..000003}.tar")
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = torch.rand(1), random.random(), np.random.rand()
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    batches = iter(build_loader(data_config(urls, randaugment="rand-m9-mstd0.5"), rank=0, world_size=1, urls=urls, train=True))
+    next(batches)
+    next(batches)
+    assert (torch.rand(1), random.random(), np.random.rand()) == expected
