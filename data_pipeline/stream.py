@@ -228,6 +228,8 @@ class StreamLoader:
             loader = DataLoader(
                 self.stream, batch_size=None, num_workers=self.num_workers,
                 persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                # its own generator: the loader's base seed is not drawn from the trainer's
+                generator=torch.Generator().manual_seed(self.stream.seed),
             )
             base = Counter(self.bad_counts)
             done = self.stream.generations[-1].consumed_batches
