@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+# DeepSpeed JIT-builds a small op on first init. A cache inside this checkout's venv is built
+# once per clone and never waits on a lock left by another checkout's interrupted build.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test install install-test system-deps test-deps clean
 
