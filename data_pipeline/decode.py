@@ -116,7 +116,8 @@ class ImagePipeline:
         try:
             img = Image.open(io.BytesIO(data))
             box = crop_box(img, self.augment, scale=self.scale, ratio=self.ratio, crop_pct=self.crop_pct)
-            flip = self.augment in ("flip", "inception") and random.random() < 0.5
+            # drawn as torchvision's RandomHorizontalFlip does: runs keep their flips across versions
+            flip = self.augment in ("flip", "inception") and torch.rand(1).item() < 0.5
             pixels = self._fast(img, box, out, flip) if self.fast_jpeg else self._slow(img, box, out, flip)
         except Exception as err:  # PIL and libjpeg raise many types for broken bytes
             raise BadSample("undecodable", f"{where}: {err}") from None

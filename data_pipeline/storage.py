@@ -280,6 +280,7 @@ class OutputTarget(Protocol):
     url: str
 
     def exists(self, name: str) -> bool: ...
+    def names(self, prefix: str) -> set[str]: ...
     def read_bytes(self, name: str) -> bytes | None: ...
     def write_bytes(self, name: str, data: bytes) -> None: ...
     def delete(self, name: str) -> None: ...
@@ -296,6 +297,9 @@ class LocalTarget:
 
     def exists(self, name: str) -> bool:
         return (self.root / name).is_file()
+
+    def names(self, prefix: str) -> set[str]:
+        return {p.name for p in self.root.glob(f"{prefix}*") if p.is_file()}
 
     def read_bytes(self, name: str) -> bytes | None:
         path = self.root / name
@@ -350,6 +354,14 @@ class S3Target:
             return True
         except FileNotFoundError:
             return False
+
+    def names(self, prefix: str) -> set[str]:
+        """Object names under `prefix`: one listing call per 1000 (not a request per shard)."""
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+            return {item["Key"][len(self.prefix):] for page in pages for item in page.get("Contents", [])}
+        except Exception as err:
+            raise s3_error(err, f"{self.url}/{prefix}") from err
 
     def read_bytes(self, name: str) -> bytes | None:
         try:

@@ -280,8 +280,9 @@ def _finished_shards(target: OutputTarget, progress_name: str, plan: dict, names
         )
     recorded = {int(k): v for k, v in progress["lengths"].items()}
     done = {}
+    present = target.names(f"{plan['prefix']}-")
     for k, name in enumerate(names):
-        if target.exists(name):
+        if name in present:
             done[k] = recorded[k] if k in recorded else _count_samples(f"{target.url.rstrip('/')}/{name}")
     log.info("resuming: %d of %d shards already written", len(done), len(names))
     return done

@@ -67,6 +67,21 @@ def test_our_reader_reads_webdataset_tarwriter_shards(tmp_path):
     assert [int(g["cls"]) for g in got] == [0, 1, 2, 0]
 
 
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reader_follows_long_names_pax_headers_and_skips_directories(tmp_path, fmt):
+    long_key = "d" * 120 + "/ünïcode_" + "k" * 90
+    with tarfile.open(tmp_path / "t.tar", "w", format=fmt) as tar:
+        tar.add(tmp_path, arcname="a_dir", recursive=False)  # a directory member
+        for name, data in ((f"{long_key}.jpg", b"\xff\xd8img"), (f"{long_key}.cls", b"4"), ("short.png", b"png")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(tmp_path / "t.tar", "rb") as f:
+        got = list(iter_tar_samples(f, "t.tar"))
+    assert [(g["__key__"], sorted(k for k in g if not k.startswith("__"))) for g in got] == [(long_key, ["cls", "jpg"]), ("short", ["png"])]
+    assert got[0]["jpg"] == b"\xff\xd8img"
+
+
 def test_keys_with_dots_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must not contain"):
         write_split([Sample("a.b", b"x", "png", 0)], tmp_path, prefix="t", samples_per_shard=2)
@@ -146,7 +161,7 @@ def test_quality_reencodes_only_when_asked(tmp_path, photos):
     assert Image.open(io.BytesIO(back[0]["jpg"])).size == Image.open(io.BytesIO(photos[0])).size
 
 
-def test_write_to_s3_then_stream_back(tmp_path, photos, s3_server, monkeypatch):
+def test_write_to_s3_resume_then_stream_back(tmp_path, photos, s3_server, monkeypatch):
     from data_pipeline import storage
     from data_pipeline.stream import open_shard_set
 
@@ -154,29 +169,18 @@ def test_write_to_s3_then_stream_back(tmp_path, photos, s3_server, monkeypatch):
         monkeypatch.setenv(name, value)
     storage._s3_client_for.cache_clear()
     bucket = s3_server.create_bucket()
-    source = photo_folder(tmp_path / "src", photos, n=12)
-    info = write_source(source, f"s3://{bucket}/sets/photos", prefix="train", samples_per_shard=5, processes=2)
-    assert read_info(f"s3://{bucket}/sets/photos")["splits"]["train"] == info
-    shards = open_shard_set(f"s3://{bucket}/sets/photos/train-{{000000..000002}}.tar")
-    assert shards.lengths == [5, 5, 2]
-    with storage.open_url(shards.urls[1]) as f:
-        back = list(iter_tar_samples(f, shards.urls[1]))
-    assert [b["jpg"] for b in back] == [source.load(i).image for i in range(5, 10)]
-    again = write_source(source, f"s3://{bucket}/sets/photos", prefix="train", samples_per_shard=5)
-    assert again == info
+    photo_folder(tmp_path / "src", photos)
+    out = f"s3://{bucket}/sets/photos"
+    with pytest.raises(KeyboardInterrupt):
+        write_source(CrashingFolder(tmp_path / "src"), out, prefix="train", samples_per_shard=5)
+    listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="sets/photos/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == [f"sets/photos/{n}" for n in ("_progress-train.json", "train-000000.tar", "train-000001.tar", "train-000002.tar")]
+    source = sources.ImageFolderSource(tmp_path / "src")
+    info = write_source(source, out, prefix="train", samples_per_shard=5, processes=2, resume=True)
+    assert info["shard_lengths"] == [5, 5, 5, 5, 4] and read_info(out)["splits"]["train"] == info
+    shards = open_shard_set(f"{out}/train-{{000000..000004}}.tar")
+    assert shards.lengths == [5, 5, 5, 5, 4]
+    with storage.open_url(shards.urls[3]) as f:
+        back = list(iter_tar_samples(f, shards.urls[3]))
+    assert [b["jpg"] for b in back] == [source.load(i).image for i in range(15, 20)]
     storage._s3_client_for.cache_clear()
-
-
-@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_reader_follows_long_names_pax_headers_and_skips_directories(tmp_path, fmt):
-    long_key = "d" * 120 + "/ünïcode_" + "k" * 90
-    with tarfile.open(tmp_path / "t.tar", "w", format=fmt) as tar:
-        tar.add(tmp_path, arcname="a_dir", recursive=False)  # a directory member
-        for name, data in ((f"{long_key}.jpg", b"\xff\xd8img"), (f"{long_key}.cls", b"4"), ("short.png", b"png")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with open(tmp_path / "t.tar", "rb") as f:
-        got = list(iter_tar_samples(f, "t.tar"))
-    assert [(g["__key__"], sorted(k for k in g if not k.startswith("__"))) for g in got] == [(long_key, ["cls", "jpg"]), ("short", ["png"])]
-    assert got[0]["jpg"] == b"\xff\xd8img"
