@@ -9,7 +9,7 @@ import math
 from collections import Counter
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 from data_pipeline.sample import BadSample, decode_image
@@ -34,8 +34,7 @@ def contact_sheet(images: list[tuple[Image.Image, str]], columns: int = 8) -> Im
     draw = ImageDraw.Draw(sheet)
     for i, (img, caption) in enumerate(images):
         x, y = i % columns * THUMB, i // columns * (THUMB + 14)
-        thumb = img.copy()
-        thumb.thumbnail((THUMB, THUMB))
+        thumb = ImageOps.contain(img, (THUMB, THUMB))  # small images (28 px) are scaled up too
         sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
         draw.text((x + 2, y + THUMB), caption[:18], fill="black")
     return sheet
