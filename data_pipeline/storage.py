@@ -286,6 +286,7 @@ class OutputTarget(Protocol):
     def delete(self, name: str) -> None: ...
     def temp_path(self, name: str) -> Path: ...
     def commit(self, temp: Path, name: str) -> None: ...
+    def stale_temps(self, prefix: str) -> Iterator[Path]: ...
     def close(self) -> None: ...
 
 
@@ -317,8 +318,8 @@ class LocalTarget:
     def commit(self, temp: Path, name: str) -> None:
         os.replace(temp, self.root / name)
 
-    def stale_temps(self) -> Iterator[Path]:
-        return self.root.glob(".*.tmp*")
+    def stale_temps(self, prefix: str) -> Iterator[Path]:
+        return self.root.glob(f".{prefix}-*.tmp*")
 
     def close(self) -> None:
         pass
@@ -389,7 +390,7 @@ class S3Target:
         finally:
             temp.unlink(missing_ok=True)
 
-    def stale_temps(self) -> Iterator[Path]:
+    def stale_temps(self, prefix: str) -> Iterator[Path]:
         return iter(())  # unfinished multipart uploads are aborted by boto3 on failure
 
     def close(self) -> None:

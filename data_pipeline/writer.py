@@ -229,7 +229,7 @@ def write_source(
     }
     progress_name = f"_progress-{prefix}.json"
     lengths: dict[int, int] = {}
-    for stale in target.stale_temps():  # left by an interrupted run
+    for stale in target.stale_temps(prefix):  # left by an interrupted run
         stale.unlink(missing_ok=True)
     if resume:
         lengths = _finished_shards(target, progress_name, plan, names)
