@@ -128,17 +128,28 @@ def input_dtype(ds_engine) -> torch.dtype:
 
 
 def train_step(ds_engine, batches) -> tuple[float, dict[str, float]]:
-    """One optimizer step over `grad_accum_steps` micro-batches; returns mean loss and metrics."""
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss and the
+    objective's mean metrics, plus `grad_norm` (global, before clipping)."""
     losses, metrics = [], {}
     device, dtype = ds_engine.device, input_dtype(ds_engine)
+    # DeepSpeed keeps the global norm of its ZeRO and bf16 optimizers; with a plain optimizer
+    # (ZeRO-0, fp32) it clips without keeping it, so it is read here, from the reduced gradients.
+    own_norm = not (ds_engine.zero_optimization() or ds_engine.bfloat16_enabled() or ds_engine.fp16_enabled())
+    grad_norm = None
     for images, targets in batches:
         loss, step_metrics = ds_engine(images.to(device, dtype), targets.to(device))
         ds_engine.backward(loss)
+        if own_norm and ds_engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in ds_engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads).item()
         ds_engine.step()
         losses.append(loss.detach().float())
         for k, v in step_metrics.items():
             metrics.setdefault(k, []).append(v.detach().float())
     out = {k: torch.stack(v).mean().item() for k, v in metrics.items()}
+    if grad_norm is None:
+        grad_norm = ds_engine.get_global_grad_norm()
+    out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     return torch.stack(losses).mean().item(), out
 
 

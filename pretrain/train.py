@@ -174,11 +174,9 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
             dist.all_reduce(stats)
             stats /= dist_info.world_size
             samples_per_s = window_steps * global_batch / busy
-            grad_norm = ds_engine.get_global_grad_norm()
             last = {
                 "loss": stats[0].item(), **{k: stats[i + 1].item() for i, k in enumerate(keys)},
                 "lr": max(ds_engine.get_lr()),
-                "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                 "samples_per_s": samples_per_s,
                 "step_time_s": busy / window_steps,
                 "data_wait_fraction": data_wait / busy,

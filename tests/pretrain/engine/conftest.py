@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[3]
 CONFIG = "configs/pretrain/demo_fmnist.yaml"
 STEPS, CKPT = 10, 5
 EMA = "train.ema={decay: 0.9}"
-FEWSHOT = "train.fewshot={every: 10, datasets: [digits], shots: [5], max_train_per_class: 20, max_test: 200, l2: 1024}"
+FEWSHOT_ARGS = dict(datasets=["digits"], shots=[10], seeds=[0], max_train_per_class=20, max_test=200)
+FEWSHOT = "train.fewshot=" + json.dumps({"every": 10, **FEWSHOT_ARGS})
 MAE = ("train.objective=mae", "train.objective_kwargs={decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}")
 
 

@@ -30,8 +30,9 @@ def test_kill9_then_resume_from_s3_continues_the_same_loss_curve(runs, zero_runs
 def universal_state(folder):
     """{param: {fp32, exp_avg, exp_avg_sq, step}} of the DeepSpeed checkpoint in `folder`."""
     out = {}
-    for param in sorted((to_universal(folder) / "zero").iterdir()):
-        out[param.name] = {f.stem: torch.load(f, weights_only=True)["param"] for f in param.glob("*.pt")}
+    for param in sorted(p for p in (to_universal(folder) / "zero").iterdir() if p.is_dir()):  # beside optimizer_state.pt
+        files = {f.stem: torch.load(f, weights_only=True) for f in param.glob("*.pt")}
+        out[param.name] = {k: v["param"] if isinstance(v, dict) else v for k, v in files.items()}
     return out
 
 
@@ -47,7 +48,8 @@ def test_resume_on_another_number_of_ranks_keeps_weights_and_optimizer_state(run
     old, new = universal_state(before), universal_state(after)
     assert sorted(new) == sorted(old) and len(old) > 50
     for name in old:
-        assert sorted(new[name]) == ["exp_avg", "exp_avg_sq", "fp32", "step"], name
+        # ZeRO-3's universal form keeps no per-parameter step; the step is in meta.json
+        assert {"exp_avg", "exp_avg_sq", "fp32"} <= new[name].keys() == old[name].keys(), name
         for kind in old[name]:
             torch.testing.assert_close(new[name][kind], old[name][kind], rtol=0, atol=0, msg=f"{name} {kind}")
     if source == "zero2":  # the sharded EMA, re-sliced from 2 ranks to 1
