@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision.datasets import CocoDetection
+from torchvision.ops import box_convert
 from torchvision.transforms import functional as TF
 
 from data_pipeline.decode import BadSample, SampleDecoder
@@ -65,13 +66,13 @@ class DetectionTransform:
     def __call__(self, image: Image.Image, labels: torch.Tensor, boxes_xywh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`boxes_xywh` in pixels (COCO) -> (image tensor, labels, normalised cxcywh boxes)."""
         width, height = image.size
-        x0 = (boxes_xywh[:, 0] / width).clamp(0, 1)
-        y0 = (boxes_xywh[:, 1] / height).clamp(0, 1)
-        x1 = ((boxes_xywh[:, 0] + boxes_xywh[:, 2]) / width).clamp(0, 1)
-        y1 = ((boxes_xywh[:, 1] + boxes_xywh[:, 3]) / height).clamp(0, 1)
-        keep = (x1 > x0) & (y1 > y0)
-        boxes = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)[keep]
-        tensor = TF.to_tensor(TF.resize(image, [self.image_size, self.image_size], antialias=True))
+        xyxy = box_convert(boxes_xywh, "xywh", "xyxy") / torch.tensor([width, height, width, height], dtype=torch.float32)
+        xyxy = xyxy.clamp(0, 1)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # boxes left empty by the clip go
+        boxes = box_convert(xyxy[keep], "xyxy", "cxcywh")
+        if image.size != (self.image_size, self.image_size):
+            image = TF.resize(image, [self.image_size, self.image_size], antialias=True)
+        tensor = TF.to_tensor(image)
         if self.hflip and torch.rand(()) < 0.5:
             tensor = tensor.flip(-1)
             boxes[:, 0] = 1 - boxes[:, 0]
@@ -178,7 +179,8 @@ class ShardEvalSet(IterableDataset):
 
 class MapBatches:
     """Infinite, resumable (images, packed) batches of a map-style data set: a seeded permutation
-    per epoch, each rank an equal share of whole batches; the state is (epoch, batches taken)."""
+    per epoch, each rank an equal share of whole batches; the state is (epoch, batches taken).
+    One DataLoader serves every epoch, so its workers start once."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, rank: int, world_size: int, num_workers: int, seed: int):
         self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
@@ -196,16 +198,33 @@ class MapBatches:
             raise ValueError(f"data state was saved with seed {state['seed']}, config has {self.seed}")
         self.epoch, self.taken = state["epoch"], state["taken"]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _indices(self) -> Iterator[int]:
+        """This rank's sample indices from the current position on, epoch after epoch."""
+        epoch, skip = self.epoch, self.taken * self.batch_size
         while True:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
-            mine = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
-            remaining = [int(i) for i in mine[self.taken * self.batch_size :]]
-            loader = DataLoader(Subset(self.dataset, remaining), batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True)
-            for batch in loader:
-                self.taken += 1
-                yield batch
-            self.epoch, self.taken = self.epoch + 1, 0
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+            yield from order[self.rank * self.per_rank + skip : (self.rank + 1) * self.per_rank].tolist()
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The loader reads ahead; the state counts only the batches handed out.
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_Sampler(self._indices),
+                            num_workers=self.num_workers, drop_last=True)
+        for batch in loader:
+            self.taken += 1
+            if self.taken * self.batch_size == self.per_rank:
+                self.epoch, self.taken = self.epoch + 1, 0
+            yield batch
+
+
+@dataclass
+class _Sampler:
+    """An index stream as a DataLoader sampler (DataLoader only iterates it)."""
+
+    indices: Callable[[], Iterator[int]]
+
+    def __iter__(self) -> Iterator[int]:
+        return self.indices()
 
 
 # ---------------------------------------------------------------- sources by kind

@@ -25,11 +25,8 @@ class SetCriterion(nn.Module):
         ce_weight: float = 1.0, bbox_weight: float = 5.0, giou_weight: float = 2.0,
     ):
         super().__init__()
-        self.num_classes, self.matcher = num_classes, matcher
+        self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
         self.weights = {"ce": ce_weight, "bbox": bbox_weight, "giou": giou_weight}
-        class_weight = torch.ones(num_classes + 1)
-        class_weight[-1] = eos_coef
-        self.register_buffer("class_weight", class_weight, persistent=False)
 
     def layer_losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], num_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted losses of one decoder layer's predictions."""
@@ -38,7 +35,10 @@ class SetCriterion(nn.Module):
         query_idx = torch.cat([q for q, _ in matches])
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=logits.device)
         target_classes[batch_idx, query_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matches)]).to(logits.device)
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.class_weight)
+        # Made here, not a buffer: bf16 engines cast buffers, and the loss is computed in fp32.
+        class_weight = torch.ones(self.num_classes + 1, device=logits.device)
+        class_weight[-1] = self.eos_coef
+        ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=class_weight)
 
         matched = boxes[batch_idx, query_idx].float()
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, matches)]).to(matched)

@@ -1,6 +1,7 @@
 """The real `python -m pretrain detect` on generated shapes: it learns, logs, checkpoints, resumes, exports."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,18 +60,39 @@ def test_short_run_learns_to_detect_shapes(tmp_path):
     assert coco_map(predictions, truths, 1)["map_50"] == pytest.approx(metrics["val_map_50"], abs=1e-4)
 
 
-def test_frozen_backbone_checkpoints_and_resume(tmp_path):
-    out = tmp_path / "run"
-    common = [f"train.output_dir={out}", "train.ckpt_every=2", "train.keep_last=3", "backbone.freeze_steps=2",
-              "data.train.num_images=32", "data.val.num_images=8", "train.eval_at_start=false", "train.plot_images=0"]
-    detect(tmp_path, "train.steps=4", *common)
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A single-rank process group in this process, torn down with the launcher variables it set."""
+    from pretrain.distributed import init_distributed, shutdown
 
-    def weights(tag):  # ZeRO-2 keeps whole weights in the model-states file
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield init_distributed()
+    shutdown()
+    torch.set_num_threads(threads)
+
+
+def test_frozen_backbone_checkpoints_and_resume(tmp_path, one_process_group):
+    from pretrain.detection.run import build_objective, run
+
+    out = tmp_path / "run"
+    overrides = [f"train.output_dir={out}", "train.ckpt_every=2", "train.keep_last=3", "backbone.freeze_steps=2",
+                 f"data.train.dir={tmp_path / 'shapes_train'}", f"data.val.dir={tmp_path / 'shapes_val'}",
+                 "data.train.num_images=32", "data.val.num_images=8", "data.num_workers=0", "train.eval_at_start=false",
+                 "train.plot_images=0", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    run(load_config(DetectConfig, TINY, [*overrides, "train.steps=4"]), one_process_group)
+
+    def weights(tag):  # ZeRO-1 keeps whole weights in the model-states file
         return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
 
-    from pretrain.detection.run import build_objective
-
-    cfg = load_config(DetectConfig, TINY, ["backbone.freeze_steps=2"])
+    cfg = load_config(DetectConfig, TINY, overrides)
     torch.manual_seed(cfg.train.seed)
     initial = build_objective(cfg)[0].state_dict()
     at2, at4 = weights("step00000002"), weights("step00000004")
@@ -80,12 +102,15 @@ def test_frozen_backbone_checkpoints_and_resume(tmp_path):
     assert any(not torch.equal(at2[k], initial[k]) for k in head), "head trained meanwhile"
     assert any(not torch.equal(at4[k], at2[k]) for k in backbone), "backbone trained after step 2"
 
-    resumed = detect(tmp_path, "train.steps=6", "train.resume=true", *common)
-    assert "resumed from step00000004 at step 4" in resumed.stdout + resumed.stderr
+    meta = json.loads((out / "checkpoints" / "step00000004" / "meta.json").read_text())
+    assert meta["data"]["taken"] == 0 and meta["data"]["epoch"] == 2, "32 images = 2 batches an epoch"
+    results = run(load_config(DetectConfig, TINY, [*overrides, "train.steps=6", "train.resume=true"]), one_process_group)
     assert (out / "checkpoints" / "latest").read_text() == "step00000006"
+    assert {"val_map", "val_map_50", "loss"} <= results.keys()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("vitscale-detect").experiment_id])
-    assert len(runs) == 1, "the resumed run logs into the same MLflow run"
+    (logged,) = client.search_runs([client.get_experiment_by_name("vitscale-detect").experiment_id])
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_map_50")] == [4, 6], \
+        "the resumed run continues the same MLflow run"
 
 
 def test_bad_recipe_fails_before_any_work():
