@@ -18,8 +18,9 @@ class SoftmaxXent(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.backbone(images)
-        loss = F.cross_entropy(logits.float(), targets)
-        return loss, {"accuracy": (logits.argmax(-1) == targets).float().mean()}
+        loss = F.cross_entropy(logits.float(), targets)  # class indices, or mixup's soft targets (B, C)
+        labels = targets.argmax(-1) if targets.ndim == 2 else targets
+        return loss, {"accuracy": (logits.argmax(-1) == labels).float().mean()}
 
 
 @register_objective("sigmoid_xent")
