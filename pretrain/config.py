@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data_pipeline.config import DataConfig, StrictConfig as _Strict
 
@@ -84,6 +84,13 @@ class TrainConfig(_Strict):
     ema: EmaConfig | None = None
     fewshot: FewshotHookConfig | None = None
     visualize_every: int = Field(0, ge=0, description="objectives with visualize(images): a PNG every N steps")
+
+    @field_validator("objective_kwargs")
+    @classmethod
+    def _normalisation_comes_from_data(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if given := sorted({"pixel_mean", "pixel_std"} & value.keys()):
+            raise ValueError(f"{', '.join(given)}: objectives take the data's normalisation; set data.mean/data.std (or data.normalize) instead")
+        return value
 
 
 class TrackingConfig(_Strict):

@@ -79,7 +79,8 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
                                        grad_checkpointing=cfg.model.grad_checkpointing, **cfg.model.kwargs)
 
     def build_full_objective() -> torch.nn.Module:
-        return build_objective(cfg.train.objective, build_backbone(), **cfg.train.objective_kwargs)
+        return build_objective(cfg.train.objective, build_backbone(), pixel_mean=cfg.data.mean, pixel_std=cfg.data.std,
+                               **cfg.train.objective_kwargs)
 
     objective = build_full_objective()
     if cfg.train.visualize_every and not callable(getattr(objective, "visualize", None)):

@@ -37,6 +37,8 @@ class Masking:
 
 @register_objective("mae")
 class MaskedAutoencoder(nn.Module):
+    reads_pixels = True  # gets the data's pixel_mean/pixel_std from build_objective
+
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
                  pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5), seed: int = 0):

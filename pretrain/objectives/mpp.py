@@ -42,6 +42,8 @@ def mean_colour_classes(pixels: torch.Tensor, patch: int, bits: int) -> torch.Te
 
 @register_objective("masked_patch_prediction")
 class MaskedPatchPrediction(nn.Module):
+    reads_pixels = True  # gets the data's pixel_mean/pixel_std from build_objective
+
     def __init__(self, backbone: nn.Module, *, corrupt_ratio: float = 0.5, mask_prob: float = 0.8,
                  random_prob: float = 0.1, colour_bits: int = 3, pixel_mean=(0.5, 0.5, 0.5),
                  pixel_std=(0.5, 0.5, 0.5), seed: int = 0):
