@@ -15,7 +15,8 @@ batches it would hide the encoder's share. On CUDA: bf16 autocast, timings synch
 
     python bench/mae_speedup.py [--model vit_l16] [--batch 2] [--repeats 5] [--warmup 1]
 
-Last line: RESULT mae_speedup=<full_mae / mae> mae_speedup_vs_supervised=<supervised / mae>
+It also prints the ratio of the two steps' FLOPs (matmuls and convolutions), the speed-up a
+compute-bound device would reach. Last line: RESULT mae_speedup=<full_mae / mae> mae_speedup_vs_supervised=<supervised / mae>
 """
 from __future__ import annotations
 
@@ -98,6 +99,10 @@ def main() -> int:
     update = statistics.median(timed(optimizer.step, device) for _ in range(3))
     print(f"optimizer  median {update * 1e3:9.1f} ms  (AdamW over {sum(p.numel() for p in mae.parameters()) / 1e6:.0f} M "
           "parameters, the same for every objective)")
+    # The ceiling a compute-bound device can reach: the ratio of the steps' matmul FLOPs.
+    flops = {name: 3 * objectives[name].flops_per_image(size[0]) for name in ("mae", "full_mae")}
+    print(f"FLOPs per image and step: mae {flops['mae'] / 1e9:.1f} G, full_mae {flops['full_mae'] / 1e9:.1f} G "
+          f"(ratio {flops['full_mae'] / flops['mae']:.2f}, the speed-up of a compute-bound step)")
     print(f"RESULT mae_speedup={medians['full_mae'] / medians['mae']:.2f} "
           f"mae_speedup_vs_supervised={medians['supervised'] / medians['mae']:.2f}")
     return 0

@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
+from pretrain.models.flops import flops_per_image
 from pretrain.objectives.patches import SampleDraws, encode, patchify, require_patch_vit, unpatchify
 from pretrain.objectives.registry import register_objective
 
@@ -118,6 +119,12 @@ class MaskedAutoencoder(nn.Module):
         masked = masked.float()
         return (per_patch * masked).sum() / masked.sum()
 
+    def flops_per_image(self, image_size: int) -> int:
+        """Forward FLOPs of one image (for MFU): the encoder on the visible tokens only, the decoder on all."""
+        if (image_size, image_size) != tuple(self.backbone.patch_embed.img_size):
+            raise ValueError(f"MAE counts FLOPs at its patch grid's {self.backbone.patch_embed.img_size} px, not {image_size}")
+        return flops_per_image(_FixedMaskForward(self), image_size)
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         del targets  # self-supervised
         masking = self.random_masking(images)
@@ -152,3 +159,18 @@ class MaskedAutoencoder(nn.Module):
         if scale > 1:  # small images (28 px) stay readable
             tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
         return to_pil_image(make_grid(tiles.cpu(), nrow=len(columns), padding=2, pad_value=1.0))
+
+
+class _FixedMaskForward(nn.Module):
+    """MAE's encoder and decoder under a fixed mask: FLOPs are counted on the meta device,
+    where the per-sample draws (which read pixel values) cannot run."""
+
+    def __init__(self, mae: MaskedAutoencoder):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        num_patches, visible = self.mae.backbone.patch_embed.num_patches, self.mae.num_visible
+        order = torch.arange(num_patches, device=images.device).expand(images.shape[0], -1)
+        masking = Masking(keep=order[:, :visible], restore=order, masked=order >= visible)
+        return self.mae.forward_decoder(self.mae.forward_encoder(images, masking), masking)

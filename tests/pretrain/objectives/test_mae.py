@@ -107,3 +107,18 @@ def test_visualize_draws_original_masked_and_reconstruction_rows(objective):
 def test_a_mask_ratio_that_keeps_no_patch_is_refused():
     with pytest.raises(ValueError, match="mask_ratio"):
         build_objective("mae", build_model("vit_demo", num_classes=10), mask_ratio=0.99)
+
+
+def test_flops_count_the_encoder_on_the_visible_tokens_only():
+    from pretrain.models import flops_per_image
+    from pretrain.perf import train_flops_per_sample
+
+    with torch.device("meta"):  # ViT-L/16 and the recipe's 8 x 512 decoder, no memory
+        backbone = build_model("vit_l16", num_classes=1000)
+        mae = build_objective("mae", backbone, mask_ratio=0.75)
+        one_masked = build_objective("mae", backbone, mask_ratio=1 / 196)
+    encoder_all_tokens = flops_per_image(backbone, 224)
+    assert mae.flops_per_image(224) < 0.35 * encoder_all_tokens  # 50 of 197 tokens, plus the light decoder
+    assert one_masked.flops_per_image(224) > encoder_all_tokens  # 196 tokens plus the decoder
+    assert one_masked.flops_per_image(224) / mae.flops_per_image(224) == pytest.approx(3.2, abs=0.1)
+    assert train_flops_per_sample(mae, backbone, 224) == 3 * mae.flops_per_image(224)  # what MFU uses
