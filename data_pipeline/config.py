@@ -78,7 +78,7 @@ class DataConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _mixup_needs(self):
-        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+        if self.mixes:
             if self.label_mode == "none":
                 raise ValueError("mixup/cutmix mix labels: they need label_mode single or multi")
             if self.batch_size % 2:

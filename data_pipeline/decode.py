@@ -166,8 +166,9 @@ def _draft(img: Image.Image, box: tuple[float, float, float, float], out: tuple[
 
 @dataclass
 class SampleDecoder:
-    """Picklable, so DataLoader workers get their own copy. `transform` maps the decoded
-    PIL image (classification uses `ClassificationDecoder`; other tasks subclass)."""
+    """Picklable, so DataLoader workers get their own copy. The base decodes a sample's image;
+    each task subclasses it with its `target` and `__call__` (classification:
+    `ClassificationDecoder`), using `transform` on the decoded PIL image where it needs one."""
 
     transform: object
     num_classes: int
@@ -175,20 +176,6 @@ class SampleDecoder:
 
     def image(self, sample: dict) -> Image.Image:
         return decode_image(sample)
-
-    def target(self, sample: dict) -> torch.Tensor:
-        if self.label_mode == "none":  # self-supervised: labels, if any, are ignored
-            return torch.tensor(-1)
-        labels = sample_labels(sample, self.num_classes)
-        if self.label_mode == "single":
-            return torch.tensor(labels[0])
-        target = torch.zeros(self.num_classes)
-        target[labels] = 1.0
-        return target
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        target = self.target(sample)
-        return self.transform(self.image(sample)), target
 
 
 @dataclass
@@ -254,6 +241,7 @@ def _float_rows(n: int, width: int) -> torch.Tensor:
 
 def build_mixup(*, mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float, label_smoothing: float,
                 num_classes: int, multi_label: bool) -> Mixup | None:
+    """timm's Mixup for these settings; None when mixup and cutmix are both off."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return None
     return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,

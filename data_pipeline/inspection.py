@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 from collections import Counter
 
@@ -12,20 +11,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from data_pipeline.sample import BadSample, decode_image
+from data_pipeline.sample import BadSample, decode_image, raw_labels
 from data_pipeline.shards import iter_tar_samples
 from data_pipeline.storage import open_url, write_atomic
 from data_pipeline.writer import read_info, shard_urls
 
 THUMB = 112
-
-
-def labels_of(sample: dict) -> list[int]:
-    if "cls" in sample:
-        return [int(sample["cls"])]
-    if "labels.json" in sample:
-        return [int(x) for x in json.loads(sample["labels.json"])]
-    return []
 
 
 def contact_sheet(images: list[tuple[Image.Image, str]], columns: int = 8) -> Image.Image:
@@ -52,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     info = read_info(args.root)
     names = info.get("class_names")
+
+    def class_name(c: int) -> str:
+        return names[c] if names and 0 <= c < len(names) else str(c)
+
     for name, split in info["splits"].items():
         lengths = np.array(split["shard_lengths"])
         print(f"split {name}: {split['num_samples']} samples in {len(lengths)} shards "
@@ -71,13 +66,13 @@ def main(args: argparse.Namespace) -> int:
             break
         with open_url(url) as f:
             for sample in iter_tar_samples(f, url):
-                labels = labels_of(sample)
+                labels = raw_labels(sample)
                 counts.update(labels)
                 unlabelled += not labels
                 multi += len(labels) > 1
                 if seen in wanted:
                     try:
-                        caption = ",".join(names[c] if names and 0 <= c < len(names) else str(c) for c in labels) or "-"
+                        caption = ",".join(class_name(c) for c in labels) or "-"
                         thumbs.append((decode_image(sample), caption))
                     except BadSample as err:
                         print(f"undecodable: {err}")
@@ -95,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  ... {len(ranked) - 2 * args.top} more classes ...")
             continue
         c, n = entry
-        label = names[c] if names and 0 <= c < len(names) else str(c)
+        label = class_name(c)
         print(f"  {c:>6} {label[:24]:<24} {n:>9} {'#' * max(1, round(40 * n / width))}")
     if names:
         print(f"classes with no sample: {sum(1 for c in range(len(names)) if counts[c] == 0)} of {len(names)}")

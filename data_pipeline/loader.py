@@ -24,7 +24,7 @@ def build_loader(data: DataConfig, *, rank: int, world_size: int, urls: str, tra
     mixup = build_mixup(
         mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha, prob=data.mixup_prob, switch_prob=data.mixup_switch_prob,
         label_smoothing=data.label_smoothing, num_classes=data.num_classes, multi_label=data.label_mode == "multi",
-    ) if train and data.mixes else None
+    ) if train else None  # None too when mixup and cutmix are off
     stream = ShardStream(
         open_shard_set(urls),
         ClassificationDecoder(transform=None, num_classes=data.num_classes, label_mode=data.label_mode, pipeline=pipeline),

@@ -50,17 +50,21 @@ def decode_image(sample: dict) -> Image.Image:
         raise BadSample("undecodable", f"{where(sample)}: {err}") from None
 
 
+def raw_labels(sample: dict) -> list[int]:
+    """The class indices in the sample's `.cls` or `.labels.json`, unchecked; [] when it has neither."""
+    if "cls" in sample:
+        return [int(sample["cls"])]
+    if "labels.json" in sample:
+        return [int(x) for x in json.loads(sample["labels.json"])]
+    return []
+
+
 def sample_labels(sample: dict, num_classes: int) -> list[int]:
     """The sample's class indices; BadSample when missing, unparsable or out of range."""
+    if "cls" not in sample and "labels.json" not in sample:
+        raise BadSample("no_label", f"{where(sample)} has neither .cls nor .labels.json")
     try:
-        if "cls" in sample:
-            labels = [int(sample["cls"])]
-        elif "labels.json" in sample:
-            labels = [int(x) for x in json.loads(sample["labels.json"])]
-        else:
-            raise BadSample("no_label", f"{where(sample)} has neither .cls nor .labels.json")
-    except BadSample:
-        raise
+        labels = raw_labels(sample)
     except (ValueError, TypeError) as err:
         raise BadSample("bad_label", f"{where(sample)}: {err}") from None
     if not labels:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import tarfile
 from typing import BinaryIO, Callable, Iterator
 
+from data_pipeline.storage import open_url
+
 RawSample = dict  # {"__key__": str, "__url__": str, "<field>": bytes, ...}
 
 
@@ -104,6 +106,12 @@ def _pax_records(data: bytes) -> Iterator[str]:
         end = at + int(data[at:space])
         yield data[space + 1 : end].rstrip(b"\n").decode(errors="surrogateescape")
         at = end
+
+
+def count_samples(url: str) -> int:
+    """Samples in the shard at `url`, counted by reading it through."""
+    with open_url(url) as f:
+        return sum(1 for _ in iter_tar_samples(f, url))
 
 
 class UnreadableSample(Exception):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.decode import BadSample, keep_freed_buffers, seed_sample
 from data_pipeline.plan import Generation, current_pieces, slot_order
-from data_pipeline.shards import ShardCursor, UnreadableSample
+from data_pipeline.shards import ShardCursor, UnreadableSample, count_samples
 from data_pipeline.storage import open_url
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,6 @@ def open_shard_set(pattern: str) -> ShardSet:
     import json
     import posixpath
 
-    from data_pipeline.shards import iter_tar_samples
     from data_pipeline.storage import expand_urls
 
     urls = expand_urls(pattern)
@@ -268,7 +267,6 @@ def open_shard_set(pattern: str) -> ShardSet:
     for url in urls:
         name = posixpath.basename(url)
         if name not in lengths:  # shards written by other tools: count once by reading
-            with open_url(url) as f:
-                lengths[name] = sum(1 for _ in iter_tar_samples(f, url))
+            lengths[name] = count_samples(url)
         counts.append(lengths[name])
     return ShardSet(urls, counts)

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.sample import Sample
+from data_pipeline.shards import count_samples
 from data_pipeline.sources import Source
 from data_pipeline.storage import OutputTarget, open_url, output_target
 
@@ -46,6 +47,16 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"shard size {text!r} must be positive")
     return int(value * SIZE_UNITS[unit])
+
+
+def shard_name(prefix: str, k: int) -> str:
+    """The file name of shard `k`: `prefix-000000.tar`, ..."""
+    return f"{prefix}-{k:06d}.tar"
+
+
+def join_url(root: str | Path, name: str) -> str:
+    """`name` inside the folder `root` (a path, s3://bucket/prefix or http(s)://)."""
+    return f"{str(root).rstrip('/')}/{name}"
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -128,7 +139,7 @@ def write_split(
         if shard is None or (samples_per_shard and shard.count >= samples_per_shard) or (shard_bytes and shard.bytes >= shard_bytes):
             if shard is not None:
                 lengths.append(shard.commit())
-            filenames.append(f"{prefix}-{len(filenames):06d}.tar")
+            filenames.append(shard_name(prefix, len(filenames)))
             shard = ShardFile(target, filenames[-1])
         shard.add(sample)
     if shard is not None:
@@ -165,7 +176,7 @@ class WriteJob:
     quality: int | None
 
     def name(self, k: int) -> str:
-        return f"{self.prefix}-{k:06d}.tar"
+        return shard_name(self.prefix, k)
 
     def write(self, k: int) -> tuple[int, int, int]:
         """Shard k -> (k, samples written, unreadable items skipped)."""
@@ -196,14 +207,6 @@ def _write_shard(k: int) -> tuple[int, int, int]:
     return _JOB.write(k)
 
 
-def _count_samples(url: str) -> int:
-    """Samples in a finished shard: only shards finished after the last progress save."""
-    from data_pipeline.shards import iter_tar_samples
-
-    with open_url(url) as f:
-        return sum(1 for _ in iter_tar_samples(f, url))
-
-
 def write_source(
     source: Source,
     out: str | Path,
@@ -231,9 +234,13 @@ def write_source(
     lengths: dict[int, int] = {}
     for stale in target.stale_temps(prefix):  # left by an interrupted run
         stale.unlink(missing_ok=True)
+
+    def save_progress() -> None:
+        target.write_bytes(progress_name, json.dumps({"plan": plan, "lengths": lengths}).encode())
+
     if resume:
         lengths = _finished_shards(target, progress_name, plan, names)
-    target.write_bytes(progress_name, json.dumps({"plan": plan, "lengths": lengths}).encode())
+    save_progress()
     todo = [k for k in range(len(names)) if k not in lengths]
     skipped = 0
     bar = tqdm(total=n, initial=int(sum(bounds[k + 1] - bounds[k] for k in lengths)), desc=f"write {prefix}",
@@ -246,7 +253,7 @@ def write_source(
         skipped += bad
         bar.update(int(bounds[k + 1] - bounds[k]))
         if time.monotonic() - saved_at > 10:  # for --resume; a crash loses at most 10 s of records
-            target.write_bytes(progress_name, json.dumps({"plan": plan, "lengths": lengths}).encode())
+            save_progress()
             saved_at = time.monotonic()
 
     if processes <= 1 or len(todo) <= 1:
@@ -282,8 +289,8 @@ def _finished_shards(target: OutputTarget, progress_name: str, plan: dict, names
     done = {}
     present = target.names(f"{plan['prefix']}-")
     for k, name in enumerate(names):
-        if name in present:
-            done[k] = recorded[k] if k in recorded else _count_samples(f"{target.url.rstrip('/')}/{name}")
+        if name in present:  # shards finished after the last progress save are counted by reading
+            done[k] = recorded[k] if k in recorded else count_samples(join_url(target.url, name))
     log.info("resuming: %d of %d shards already written", len(done), len(names))
     return done
 
@@ -304,7 +311,7 @@ def update_info(out: str | Path | OutputTarget, split: dict, class_names: list[s
 
 def read_info(out: str | Path) -> dict:
     """The `_info.json` of a shard folder (local, s3:// or http(s)://)."""
-    url = f"{str(out).rstrip('/')}/{INFO_NAME}"
+    url = join_url(out, INFO_NAME)
     try:
         with open_url(url) as f:
             return json.load(f)
@@ -314,4 +321,4 @@ def read_info(out: str | Path) -> dict:
 
 def shard_urls(root: str | Path, split: dict) -> list[str]:
     """The URLs of a split's shards in `root` (as `_info.json` lists them)."""
-    return [f"{str(root).rstrip('/')}/{name}" for name in split["filenames"]]
+    return [join_url(root, name) for name in split["filenames"]]
