@@ -24,27 +24,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pretrain.datasets import dataset_spec, dev_split, load_dataset
 from pretrain.export import load_exported
-from pretrain.features import extract_features
-from pretrain.fewshot import FeatureSet, fewshot_table, sample_shots, select_l2
+from pretrain.fewshot import FeatureSet, sample_shots
+from pretrain.fewshot_cli import fewshot_features, score_fewshot
 from pretrain.models import build_model
 
 DEMO_EXPORT = Path("demo_out/pretrain/export/model.safetensors")
 
 
-def features_of(model, meta, name: str, root: str | None) -> FeatureSet:
-    train, test = load_dataset(name, root, "train"), load_dataset(name, root, "test")
-    kw = dict(image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
-    train_x, train_y = extract_features(model, train, desc=f"{name} train", **kw)
-    test_x, test_y = extract_features(model, test, desc=f"{name} test", **kw)
-    return FeatureSet(train_x, train_y, test_x, test_y, train.num_classes, dev_split(train, dataset_spec(name).dev_fraction)[1])
-
-
 def ours(sets: dict[str, FeatureSet], shots, seeds) -> dict[str, dict[int, list[float]]]:
-    l2, _ = select_l2(sets, shots=shots, seeds=seeds)
-    return {name: fewshot_table(f.train_x, f.train_y, f.test_x, f.test_y, num_classes=f.num_classes, shots=shots,
-                                seeds=seeds, l2=l2) for name, f in sets.items()}
+    return score_fewshot(sets, shots=shots, seeds=seeds).accuracy
 
 
 def sklearn_logreg(sets: dict[str, FeatureSet], shots, seeds) -> dict[str, dict[int, list[float]]]:
@@ -97,7 +86,8 @@ def main() -> None:
         model = build_model("vit_demo", num_classes=10).eval()
         meta = {"image_size": 28, "mean": [0.5] * 3, "std": [0.5] * 3}
         print(f"features: a randomly initialised vit_demo ({path} not found; run `python -m pretrain demo` for pretrained ones)")
-    sets = {name: features_of(model, meta, name, args.data_root) for name in args.dataset}
+    sets = fewshot_features(model, datasets=args.dataset, data_root=args.data_root, image_size=meta["image_size"],
+                            mean=meta["mean"], std=meta["std"])
     for name, f in sets.items():
         print(f"  {name}: train {f.train_x.shape}, test {f.test_x.shape}, {f.num_classes} classes")
 

@@ -17,7 +17,7 @@ from pretrain.export import load_exported
 from pretrain.features import extract_features
 from pretrain.fewshot import L2_GRID, FeatureSet, fewshot_table, select_l2
 from pretrain.model_source import SOURCE_HELP, local_exported, provenance_tags
-from pretrain.tracking import Tracker, build_tracker
+from pretrain.tracking import Tracker, build_tracker, failing_closes, seed_stats
 
 
 @dataclass
@@ -50,6 +50,15 @@ def evaluate_fewshot(model: nn.Module, *, datasets: Sequence[str], data_root: st
     l2 from `l2_grid` for all data sets on their dev splits (see pretrain.fewshot). Under ZeRO-3
     call it on every rank (the forward passes gather weights); results are the same everywhere.
     """
+    features = fewshot_features(model, datasets=datasets, data_root=data_root, image_size=image_size, mean=mean, std=std,
+                                max_train_per_class=max_train_per_class, max_test=max_test, batch_size=batch_size)
+    return score_fewshot(features, shots=shots, seeds=seeds, l2=l2, l2_grid=l2_grid)
+
+
+def fewshot_features(model: nn.Module, *, datasets: Sequence[str], data_root: str | Mapping[str, str | None] | None,
+                     image_size: int, mean, std, max_train_per_class: int | None = None, max_test: int | None = None,
+                     batch_size: int = 256) -> dict[str, FeatureSet]:
+    """The first step of `evaluate_fewshot`: train and test features of each data set, with its dev split."""
     features = {}
     for name in datasets:
         root = data_root.get(name) if isinstance(data_root, Mapping) else data_root
@@ -60,6 +69,12 @@ def evaluate_fewshot(model: nn.Module, *, datasets: Sequence[str], data_root: st
         test_x, test_y = extract_features(model, test, desc=f"{name} test", **kw)
         features[name] = FeatureSet(train_x, train_y, test_x, test_y, train.num_classes,
                                     dev_val=dev_split(train, dataset_spec(name).dev_fraction)[1])
+    return features
+
+
+def score_fewshot(features: Mapping[str, FeatureSet], *, shots: Sequence[int], seeds: Sequence[int], l2: float | None = None,
+                  l2_grid: Sequence[float] = L2_GRID) -> FewshotResults:
+    """The second step of `evaluate_fewshot`: the l2 (chosen on the dev splits if None), then test accuracy."""
     curve: dict[float, float] = {}
     if l2 is None:
         l2, accs = select_l2(features, shots=shots, seeds=seeds, l2s=l2_grid)
@@ -78,10 +93,7 @@ def log_fewshot(tracker: Tracker, results: FewshotResults, step: int | None = No
         metrics["fewshot/l2_dev_accuracy"] = results.l2_dev_accuracy[results.l2]
     for name, table in results.accuracy.items():
         for shots, accs in table.items():
-            key = f"fewshot/{name}/{shots}shot"
-            metrics.update({f"{key}/seed{i}": a for i, a in enumerate(accs)})
-            metrics[key] = float(np.mean(accs))
-            metrics[f"{key}/std"] = float(np.std(accs))
+            metrics.update(seed_stats(f"fewshot/{name}/{shots}shot", accs))
     tracker.log_metrics(metrics, step=step)
     return metrics
 
@@ -125,13 +137,10 @@ def main(args: argparse.Namespace) -> int:
     tracker.log_params({"model": args.model, "datasets": ",".join(roots), "shots": args.shots, "seeds": args.seeds,
                         "l2": "grid 2^-10..2^19" if args.l2 is None else args.l2, "image_size": meta["image_size"],
                         "max_train_per_class": args.max_train_per_class, "max_test": args.max_test})
-    try:
+    with failing_closes(tracker):
         results = evaluate_fewshot(model, datasets=list(roots), data_root=roots, image_size=meta["image_size"], mean=meta["mean"],
                                    std=meta["std"], shots=args.shots, seeds=args.seeds, l2=args.l2,
                                    max_train_per_class=args.max_train_per_class, max_test=args.max_test, batch_size=args.batch_size)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
     metrics = log_fewshot(tracker, results)
     tracker.close()
     print(f"l2 = 2^{np.log2(results.l2):g}" + (" (chosen on the dev splits)" if args.l2 is None else ""))

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
 
 
 class Tracker(Protocol):
@@ -24,6 +27,23 @@ class NullTracker:
     def log_artifact(self, path, artifact_path=None): pass
     def set_tags(self, tags): pass
     def close(self, status="FINISHED"): pass
+
+
+def seed_stats(key: str, values: Sequence[float]) -> dict[str, float]:
+    """`<key>/seed<i>` per seed, `<key>` their mean and `<key>/std` their population std."""
+    out = {f"{key}/seed{i}": v for i, v in enumerate(values)}
+    out[key], out[f"{key}/std"] = float(np.mean(values)), float(np.std(values))
+    return out
+
+
+@contextmanager
+def failing_closes(tracker: Tracker) -> Iterator[Tracker]:
+    """Closes `tracker` as FAILED if the block raises (anything, KeyboardInterrupt too), then re-raises."""
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close("FAILED")
+        raise
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pretrain.export import load_exported
 from pretrain.model_source import local_exported, provenance_tags
 from pretrain.models import zero_init_head
 from pretrain.objectives import build_objective
-from pretrain.tracking import Tracker, build_tracker
+from pretrain.tracking import Tracker, build_tracker, failing_closes, seed_stats
 
 METRICS = ("top1", "mean_per_class")
 
@@ -117,9 +117,7 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, float]:
     """`top1/seed<i>` per seed, `top1` the mean, `top1/std` (population std, as for few-shot)."""
     out = {}
     for key in METRICS:
-        values = [r[key] for r in per_seed]
-        out.update({f"{key}/seed{i}": v for i, v in enumerate(values)})
-        out[key], out[f"{key}/std"] = float(np.mean(values)), float(np.std(values))
+        out.update(seed_stats(key, [r[key] for r in per_seed]))
     return out
 
 
@@ -133,15 +131,12 @@ def run(cfg: TransferConfig, dist_info: DistInfo) -> dict[str, float]:
             run_name=cfg.tracking.run_name or f"transfer-{cfg.data.name}", parent_run_id=cfg.tracking.parent_run_id,
             tags={"stage": "transfer", "dataset": cfg.data.name, **provenance_tags(meta, cfg.model)},
         )
-        try:
+        with failing_closes(tracker):
             tracker.log_params(dump_config(cfg) | {"world_size": dist_info.world_size, "train_images": len(train),
                                                    "test_images": len(test), "num_classes": train.num_classes})
             lr = choose_lr(cfg, model_path=model_path, train=train, dist_info=dist_info, tracker=tracker)
             per_seed = [finetune(cfg, model_path=model_path, lr=lr, seed=seed, train=train, test=test, dist_info=dist_info,
                                  tracker=tracker, prefix=f"test/seed{i}") for i, seed in enumerate(cfg.seeds)]
-        except BaseException:
-            tracker.close("FAILED")
-            raise
     summary = {"lr": lr, **summarize(per_seed)}
     tracker.log_params({"chosen_lr": lr})
     tracker.log_metrics(summary, step=cfg.steps)

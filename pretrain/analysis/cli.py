@@ -17,7 +17,7 @@ from pretrain.analysis.cka import ESTIMATORS
 from pretrain.analysis.plots import plot_attention_distance, plot_cka, plot_rollout
 from pretrain.analysis.run import MIN_CKA_BATCH, Analysis, Subject, analyze, batched, iter_shard_images
 from pretrain.config import TrackingConfig
-from pretrain.tracking import build_tracker
+from pretrain.tracking import build_tracker, failing_closes
 
 TIMM_PREFIX = "timm:"
 
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
 
     tracker = build_tracker(is_main=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
                             run_name=args.run_name or f"analyze-{Path(args.model).stem}", tags={"command": "analyze"})
-    try:
+    with failing_closes(tracker):
         tracker.log_params({"model": args.model, "data": args.data, "compare": args.compare, "num_images": result.num_images,
                             "batch_size": args.batch_size, "cka_estimator": args.cka_estimator})
         series = summary_metrics(result)
@@ -125,9 +125,6 @@ def main(args: argparse.Namespace) -> int:
             tracker.log_metrics({k: v[layer - 1] for k, v in series.items() if layer <= len(v)}, step=layer)
         for path in files:
             tracker.log_artifact(path, "analysis")
-    except BaseException:
-        tracker.close("FAILED")
-        raise
     tracker.close()
     print(f"analysis of {result.num_images} images in {out}" + (f"; MLflow run {tracker.run_id}" if tracker.run_id else ""))
     return 0

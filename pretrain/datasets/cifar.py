@@ -29,14 +29,14 @@ def _load(dataset: str, folder, split: str, expects: str) -> LabeledImages:
     return LabeledImages(source.images, labels, source.class_names)
 
 
-@register_dataset("cifar10", dev_fraction=0.02, expects=CIFAR10_EXPECTS)
+@register_dataset("cifar10", dev_fraction=0.02)
 def cifar10(root: str | None, split: str) -> LabeledImages:
     """50,000 train / 10,000 test 32x32 images, 10 classes."""
     folder = locate("cifar10", root, "data_batch_1", ("cifar-10-python.tar.gz",), CIFAR10_EXPECTS)
     return _load("cifar10", folder, split, CIFAR10_EXPECTS)
 
 
-@register_dataset("cifar100", dev_fraction=0.02, expects=CIFAR100_EXPECTS)
+@register_dataset("cifar100", dev_fraction=0.02)
 def cifar100(root: str | None, split: str) -> LabeledImages:
     """50,000 train / 10,000 test 32x32 images, the 100 fine classes."""
     folder = locate("cifar100", root, "meta", ("cifar-100-python.tar.gz",), CIFAR100_EXPECTS)

@@ -6,7 +6,7 @@ import numpy as np
 from pretrain.datasets.registry import LabeledImages, register_dataset
 
 
-@register_dataset("digits", dev_fraction=0.1, expects="nothing (the data ship with scikit-learn)")
+@register_dataset("digits", dev_fraction=0.1)
 def digits(root: str | None, split: str) -> LabeledImages:
     """1,297 train / 500 test images, 10 classes; a fixed split, the same for everyone."""
     from sklearn.datasets import load_digits

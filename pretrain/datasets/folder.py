@@ -13,7 +13,7 @@ from pretrain.datasets.registry import LabeledImages, register_dataset
 FOLDER_EXPECTS = "train/<class>/<image> and test/<class>/<image> (jpg, png, ...), or a .tar.gz of them"
 
 
-@register_dataset("imagefolder", dev_fraction=0.1, expects=FOLDER_EXPECTS)
+@register_dataset("imagefolder", dev_fraction=0.1)
 def imagefolder(root: str | None, split: str) -> LabeledImages:
     base = locate("imagefolder", root, "train", ("*.tar.gz", "*.tgz"), FOLDER_EXPECTS)
     if not (base / split).is_dir():

@@ -47,7 +47,7 @@ def read_pets_list(path: Path) -> list[tuple[str, int]]:
     return rows
 
 
-@register_dataset("pets", dev_fraction=0.1, expects=PETS_EXPECTS)
+@register_dataset("pets", dev_fraction=0.1)
 def pets(root: str | None, split: str) -> LabeledImages:
     """Oxford-IIIT Pets: 37 breeds, 3,680 trainval / 3,669 test images."""
     annotations = locate("pets", root, "annotations/trainval.txt", ("annotations.tar.gz",), PETS_EXPECTS) / "annotations"
@@ -65,6 +65,11 @@ def pets(root: str | None, split: str) -> LabeledImages:
 
 
 def _mat_field(path: Path, key: str) -> np.ndarray:
+    return _mat_fields(path, key)[0]
+
+
+def _mat_fields(path: Path, *keys: str) -> list[np.ndarray]:
+    """Arrays `keys` of one .mat file (read once), each flattened to int64."""
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
@@ -74,19 +79,20 @@ def _mat_field(path: Path, key: str) -> np.ndarray:
         mat = loadmat(path)
     except (MatReadError, ValueError, TypeError, OSError) as err:
         raise DatasetFormatError(f"flowers102: {path} is not a MATLAB .mat file ({err})") from None
-    if key not in mat:
-        raise DatasetFormatError(f"flowers102: {path} has no {key!r} array (has {sorted(k for k in mat if not k.startswith('__'))})")
-    return np.asarray(mat[key]).reshape(-1).astype(np.int64)
+    for key in keys:
+        if key not in mat:
+            raise DatasetFormatError(f"flowers102: {path} has no {key!r} array (has {sorted(k for k in mat if not k.startswith('__'))})")
+    return [np.asarray(mat[key]).reshape(-1).astype(np.int64) for key in keys]
 
 
-@register_dataset("flowers102", dev_fraction=0.1, expects=FLOWERS_EXPECTS)
+@register_dataset("flowers102", dev_fraction=0.1)
 def flowers102(root: str | None, split: str) -> LabeledImages:
     """Oxford Flowers-102: 102 classes, 2,040 train (train + val) / 6,149 test images."""
     base = locate("flowers102", root, "imagelabels.mat", (), FLOWERS_EXPECTS)
     jpg = locate("flowers102", root, "jpg", ("102flowers.tgz",), FLOWERS_EXPECTS) / "jpg"
     labels = _mat_field(base / "imagelabels.mat", "labels")
     setid = locate("flowers102", root, "setid.mat", (), FLOWERS_EXPECTS) / "setid.mat"
-    ids = np.concatenate([_mat_field(setid, "trnid"), _mat_field(setid, "valid")]) if split == "train" else _mat_field(setid, "tstid")
+    ids = np.concatenate(_mat_fields(setid, "trnid", "valid")) if split == "train" else _mat_field(setid, "tstid")
     if ids.min() < 1 or ids.max() > len(labels) or labels.min() < 1:
         raise DatasetFormatError(f"flowers102: {setid} names images outside 1..{len(labels)} (the labels in imagelabels.mat)")
     ids = np.sort(ids)

@@ -1,8 +1,8 @@
 """Registry of transfer data sets. Each loader reads a data set's official format from disk.
 
 A loader takes (root, split) with split "train" or "test" and returns `LabeledImages`; for lr
-selection `load_dataset` carves "dev_train"/"dev_val" out of train as the ViT paper does, with
-each data set's own dev fraction (2 % CIFAR, 10 % Pets and Flowers).
+and l2 selection `dev_split` carves a dev split out of train as the ViT paper does, with each
+data set's own dev fraction (2 % CIFAR, 10 % Pets and Flowers).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-SPLITS = ("train", "test", "dev_train", "dev_val")
+SPLITS = ("train", "test")
 
 
 @dataclass
@@ -50,15 +50,14 @@ class LabeledImages(Dataset):
 class DatasetSpec:
     loader: Callable[[str | None, str], LabeledImages]
     dev_fraction: float  # share of train held out to choose hyper-parameters (ViT paper, App. B.1.1)
-    expects: str  # what `root` must hold, for error messages and --help
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, *, dev_fraction: float, expects: str):
+def register_dataset(name: str, *, dev_fraction: float):
     def wrap(fn):
-        DATASETS[name] = DatasetSpec(fn, dev_fraction, expects)
+        DATASETS[name] = DatasetSpec(fn, dev_fraction)
         return fn
 
     return wrap
@@ -77,14 +76,9 @@ def dev_split(data: LabeledImages, fraction: float, seed: int = 0) -> tuple[np.n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def load_dataset(name: str, root: str | None, split: str, *, dev_fraction: float | None = None) -> LabeledImages:
-    """`split` in train/test, or dev_train/dev_val: train minus/only its held-out `dev_fraction`
-    (default: the data set's own, 2 % for CIFAR and 10 % for Pets and Flowers)."""
+def load_dataset(name: str, root: str | None, split: str) -> LabeledImages:
+    """`split` "train" or "test" of data set `name`; `dev_split` carves the dev split out of train."""
     spec = dataset_spec(name)
     if split not in SPLITS:
         raise ValueError(f"split {split!r} of {name}: choose one of {', '.join(SPLITS)}")
-    if split in ("train", "test"):
-        return spec.loader(root, split)
-    train = spec.loader(root, "train")
-    dev_train, dev_val = dev_split(train, spec.dev_fraction if dev_fraction is None else dev_fraction)
-    return train.subset(dev_train if split == "dev_train" else dev_val)
+    return spec.loader(root, split)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from pretrain.datasets import DatasetFormatError, dataset_spec, load_dataset
+from pretrain.datasets import DatasetFormatError, dataset_spec, dev_split, load_dataset
 
 from .conftest import class_colour, official_pickle
 
@@ -68,11 +68,11 @@ def test_dev_split_holds_out_the_vit_papers_fraction_of_train(name, fraction, of
     root = str(official[name]["folder"])
     assert dataset_spec(name).dev_fraction == fraction
     train = load_dataset(name, root, "train")
-    dev_train, dev_val = load_dataset(name, root, "dev_train"), load_dataset(name, root, "dev_val")
+    dev_train, dev_val = (train.subset(idx) for idx in dev_split(train, dataset_spec(name).dev_fraction))
     assert len(dev_val) == max(1, round(fraction * len(train))) and len(dev_train) + len(dev_val) == len(train)
     seen = {(tuple(np.asarray(d.load(i)).ravel()[:64]), int(d.labels[i])) for d in (dev_train, dev_val) for i in range(len(d))}
     assert len(seen) == len(train)  # disjoint, and together all of train
-    assert len(load_dataset(name, root, "dev_val", dev_fraction=0.5)) == round(0.5 * len(train))
+    assert len(train.subset(dev_split(train, 0.5)[1])) == round(0.5 * len(train))
 
 
 def test_missing_paths_say_what_was_expected(tmp_path):
@@ -84,7 +84,7 @@ def test_missing_paths_say_what_was_expected(tmp_path):
         load_dataset("flowers102", None, "test")
     with pytest.raises(KeyError, match="unknown data set 'cifar1000'; known: cifar10, cifar100, digits"):
         load_dataset("cifar1000", None, "train")
-    with pytest.raises(ValueError, match="choose one of train, test, dev_train, dev_val"):
+    with pytest.raises(ValueError, match="choose one of train, test$"):
         load_dataset("digits", None, "validation")
 
 
