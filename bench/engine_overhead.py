@@ -143,7 +143,7 @@ def vit_l16_throughput(info, *, steps: int, micro: int = 64) -> tuple[float, flo
     from pretrain.perf import device_peak_flops, mfu, train_flops_per_sample
 
     objective = build("vit_l16", info.device)
-    flops = train_flops_per_sample(objective, objective.backbone, 224)
+    flops = train_flops_per_sample(objective, 224)
     ours = engine(objective, stage=2, precision="bf16", micro=micro)
     g = torch.Generator().manual_seed(info.rank)
     batch = (torch.randn(micro, 3, 224, 224, generator=g), torch.randint(0, 1000, (micro,), generator=g))

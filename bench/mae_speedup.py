@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.models import build_model  # noqa: E402
 from pretrain.objectives import build_objective  # noqa: E402
+from pretrain.perf import train_flops_per_sample  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -100,7 +101,7 @@ def main() -> int:
     print(f"optimizer  median {update * 1e3:9.1f} ms  (AdamW over {sum(p.numel() for p in mae.parameters()) / 1e6:.0f} M "
           "parameters, the same for every objective)")
     # The ceiling a compute-bound device can reach: the ratio of the steps' matmul FLOPs.
-    flops = {name: 3 * objectives[name].flops_per_image(size[0]) for name in ("mae", "full_mae")}
+    flops = {name: train_flops_per_sample(objectives[name], size[0]) for name in ("mae", "full_mae")}
     print(f"FLOPs per image and step: mae {flops['mae'] / 1e9:.1f} G, full_mae {flops['full_mae'] / 1e9:.1f} G "
           f"(ratio {flops['full_mae'] / flops['mae']:.2f}, the speed-up of a compute-bound step)")
     print(f"RESULT mae_speedup={medians['full_mae'] / medians['mae']:.2f} "

@@ -159,9 +159,8 @@ def full_state_dict(module: nn.Module, *, is_main: bool) -> dict[str, torch.Tens
     Under ZeRO-3 the parameters are empty placeholders outside forward: they are gathered
     (a collective: call on every rank), one module's worth at a time.
     """
-    partitioned = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
     state: dict[str, torch.Tensor] = {}
-    if partitioned:
+    if any(hasattr(p, "ds_tensor") for p in module.parameters()):
         import deepspeed
 
         # Gather each submodule's own parameters in turn, so no rank holds more than one
@@ -172,14 +171,11 @@ def full_state_dict(module: nn.Module, *, is_main: bool) -> dict[str, torch.Tens
                 if is_main:
                     for name, p in sub.named_parameters(recurse=False):
                         state[f"{prefix}.{name}" if prefix else name] = p.detach().float().cpu().clone()
-        if is_main:
-            state.update({k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
-                          for k, v in module.state_dict().items() if k not in state})
-        return state if is_main else None
     if not is_main:
         return None
-    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
-            for k, v in module.state_dict().items()}
+    state.update({k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                  for k, v in module.state_dict().items() if k not in state})
+    return state
 
 
 def eval_copy(module: nn.Module, build: Callable[[], nn.Module], *, is_main: bool, device: torch.device) -> nn.Module | None:

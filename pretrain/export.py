@@ -189,11 +189,17 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str |
         }
         if not remote.is_remote(out):
             return save_exported(state, out, meta, dtype)
-        local = save_exported(state, Path(work) / "out" / Path(str(out)).name, meta, dtype)
-        remote.upload_file(local, str(out))
-        bucket, key = remote.split_uri(str(out))
-        remote.upload_file(sidecar_path(local), f"s3://{bucket}/{PurePosixPath(key).with_suffix('.json')}")
+        upload_exported(save_exported(state, Path(work) / "out" / Path(str(out)).name, meta, dtype), str(out))
         return str(out)
+
+
+def upload_exported(local: Path, uri: str) -> None:
+    """An exported file to `uri` (s3://bucket/name.safetensors) and its sidecar beside it (name.json)."""
+    from pretrain import remote
+
+    remote.upload_file(local, uri)
+    bucket, key = remote.split_uri(uri)
+    remote.upload_file(sidecar_path(local), f"s3://{bucket}/{PurePosixPath(key).with_suffix('.json')}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

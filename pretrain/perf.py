@@ -39,11 +39,11 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
     return bf16 if precision == "bf16" else fp32
 
 
-def train_flops_per_sample(objective: nn.Module, backbone: nn.Module, image_size: int) -> float:
+def train_flops_per_sample(objective: nn.Module, image_size: int) -> float:
     """3x the forward FLOPs of one sample: the objective's own count when it defines
-    `flops_per_image(image_size)` (MAE encodes a quarter of the patches), else the backbone's."""
+    `flops_per_image(image_size)` (MAE encodes a quarter of the patches), else its backbone's."""
     own = getattr(objective, "flops_per_image", None)
-    forward = own(image_size) if callable(own) else flops_per_image(backbone, image_size)
+    forward = own(image_size) if callable(own) else flops_per_image(objective.backbone, image_size)
     return 3.0 * forward
 
 

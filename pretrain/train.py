@@ -25,7 +25,7 @@ from pretrain.config import FewshotHookConfig, PretrainConfig, dump_config, load
 from pretrain.distributed import DistInfo, init_distributed, print0, shutdown
 from pretrain.ema import ShardedEMA
 from pretrain.engine import build_engine, eval_copy, input_dtype, resolve_grad_accum, train_step
-from pretrain.export import export_checkpoint
+from pretrain.export import export_checkpoint, upload_exported
 from pretrain.models import build_model
 from pretrain.objectives import build_objective
 from pretrain.perf import device_peak_flops, mfu, train_flops_per_sample
@@ -85,7 +85,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
     objective = build_full_objective()
     if cfg.train.visualize_every and not callable(getattr(objective, "visualize", None)):
         raise ValueError(f"train.visualize_every needs an objective with visualize(images); {cfg.train.objective!r} has none")
-    flops_per_sample = train_flops_per_sample(objective, objective.backbone, cfg.data.image_size)
+    flops_per_sample = train_flops_per_sample(objective, cfg.data.image_size)
     peak_flops = cfg.train.peak_flops or device_peak_flops(dist_info.device, cfg.engine.precision)
 
     output_dir = Path(cfg.train.output_dir)
@@ -134,16 +134,16 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
     def hooks_due(every: int) -> bool:
         return bool(every) and step % every == 0
 
-    def run_hooks() -> None:
+    def run_hooks(*, fewshot_due: bool, visualize_due: bool) -> None:
         """Few-shot and visualization on a gathered fp32 copy on rank 0; the training RNG is untouched."""
         with torch.random.fork_rng(devices=[dist_info.device] if dist_info.device.type == "cuda" else []):
-            if cfg.train.fewshot is not None and hooks_due(cfg.train.fewshot.every):
+            if fewshot_due:
                 backbone = eval_copy(ds_engine.module.backbone, build_backbone, is_main=dist_info.is_main, device=dist_info.device)
                 if backbone is not None:
                     fewshot = run_fewshot(backbone, cfg.train.fewshot, cfg, tracker, step)
                     last.update({k: v for k, v in fewshot.items() if k.count("/") == 2})
                     del backbone
-            if hooks_due(cfg.train.visualize_every):
+            if visualize_due:
                 copy = eval_copy(ds_engine.module, build_full_objective, is_main=dist_info.is_main, device=dist_info.device)
                 if copy is not None:
                     path = output_dir / "visualize" / f"step{step:08d}.png"
@@ -194,8 +194,10 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
             val = evaluate(ds_engine, val_loader)
             tracker.log_metrics(val, step=step)
             last.update(val)
-        if (cfg.train.fewshot is not None and hooks_due(cfg.train.fewshot.every)) or hooks_due(cfg.train.visualize_every):
-            run_hooks()
+        fewshot_due = cfg.train.fewshot is not None and hooks_due(cfg.train.fewshot.every)
+        visualize_due = hooks_due(cfg.train.visualize_every)
+        if fewshot_due or visualize_due:
+            run_hooks(fewshot_due=fewshot_due, visualize_due=visualize_due)
         if hooks_due(cfg.train.ckpt_every) and step < cfg.train.steps:
             save()
     progress.close()
@@ -210,8 +212,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
             tracker.log_artifact(exported, "model")
             tracker.log_artifact(exported.with_suffix(".json"), "model")
             if cfg.train.remote_uri:
-                remote.upload_file(exported, remote.join(cfg.train.remote_uri, "export", exported.name))
-                remote.upload_file(exported.with_suffix(".json"), remote.join(cfg.train.remote_uri, "export", exported.with_suffix(".json").name))
+                upload_exported(exported, remote.join(cfg.train.remote_uri, "export", exported.name))
             print0(f"exported {exported}")
     checkpointer.close()
     tracker.close()

@@ -121,4 +121,4 @@ def test_flops_count_the_encoder_on_the_visible_tokens_only():
     assert mae.flops_per_image(224) < 0.35 * encoder_all_tokens  # 50 of 197 tokens, plus the light decoder
     assert one_masked.flops_per_image(224) > encoder_all_tokens  # 196 tokens plus the decoder
     assert one_masked.flops_per_image(224) / mae.flops_per_image(224) == pytest.approx(3.2, abs=0.1)
-    assert train_flops_per_sample(mae, backbone, 224) == 3 * mae.flops_per_image(224)  # what MFU uses
+    assert train_flops_per_sample(mae, 224) == 3 * mae.flops_per_image(224)  # what MFU uses
