@@ -29,7 +29,8 @@ def build_loader(data: DataConfig, *, rank: int, world_size: int, urls: str, tra
         open_shard_set(urls),
         ClassificationDecoder(transform=None, num_classes=data.num_classes, label_mode=data.label_mode, pipeline=pipeline),
         batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers, seed=data.seed,
-        shuffle_buffer=data.shuffle_buffer if train else 1, max_bad_fraction=data.max_corrupt_fraction,
+        shuffle_buffer=data.shuffle_buffer if train else 1, lanes=data.interleave_shards if train else 1,
+        max_bad_fraction=data.max_corrupt_fraction,
         finish=BatchFinisher(data.mean, data.std, mixup),
     )
     return StreamLoader(stream, num_workers=data.num_workers)

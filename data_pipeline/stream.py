@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.decode import BadSample, keep_freed_buffers, seed_sample
-from data_pipeline.plan import Generation, current_pieces, slot_order
+from data_pipeline.plan import EpochPlan, Generation, slot_order
 from data_pipeline.shards import ShardCursor, UnreadableSample, count_samples
 from data_pipeline.storage import open_url
 
@@ -38,20 +38,15 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
-@dataclass
-class _Cursor:
-    """Read position of one slot: the global-order index -> (shard, offset) map of an epoch."""
+class _Lane:
+    """Read position of one lane of a slot: one shard open at a time, read front to back."""
 
-    shards: ShardSet
-    order: np.ndarray  # shard permutation of the epoch
-    opener: Callable[[str], BinaryIO]
-
-    def __post_init__(self):
-        self.starts = np.concatenate([[0], np.cumsum(np.asarray(self.shards.lengths)[self.order])])
+    def __init__(self, shards: ShardSet, order: np.ndarray, starts: np.ndarray, opener: Callable[[str], BinaryIO]):
+        self.shards, self.order, self.starts, self.opener = shards, order, starts, opener
         self.open: ShardCursor | None = None
 
     def read(self, positions: np.ndarray) -> list:
-        """Raw samples at `positions`, read run by run (runs of consecutive positions)."""
+        """Raw samples at `positions` (ascending but for padding), read run by run (runs of consecutive positions)."""
         out: list = []
         i = 0
         while i < len(positions):
@@ -77,6 +72,28 @@ class _Cursor:
             self.open = None
 
 
+class _SlotReader:
+    """The lanes of one slot: a block's positions come lane by lane, each lane reads its own shard."""
+
+    def __init__(self, shards: ShardSet, order: np.ndarray, starts: np.ndarray, opener: Callable[[str], BinaryIO]):
+        self.shards, self.order, self.starts, self.opener = shards, order, starts, opener
+        self.lanes: list[_Lane] = []
+
+    def read(self, positions: np.ndarray, counts: np.ndarray) -> list:
+        while len(self.lanes) < len(counts):
+            self.lanes.append(_Lane(self.shards, self.order, self.starts, self.opener))
+        out: list = []
+        at = 0
+        for lane, n in zip(self.lanes, counts):
+            out.extend(lane.read(positions[at : at + n]))
+            at += n
+        return out
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()
+
+
 class ShardStream(IterableDataset):
     def __init__(
         self,
@@ -90,14 +107,17 @@ class ShardStream(IterableDataset):
         seed: int,
         shuffle_buffer: int,
         max_bad_fraction: float,
+        lanes: int = 1,
         opener: Callable[[str], BinaryIO] = open_url,
         finish: Callable[[list, list], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         """`decode(raw sample) -> (image, target)`; `finish(images, targets) -> (batch, targets)`
-        runs on each batch in the worker (default: stack)."""
+        runs on each batch in the worker (default: stack); `lanes`: shards each slot reads side by side."""
         self.shards, self.decode, self.opener = shards, decode, opener
         self.finish = finish or stack_batch
-        self.rank, self.seed, self.buffer = rank, seed, shuffle_buffer
+        if not shards.num_samples:
+            raise ValueError(f"the {len(shards.urls)} shard(s) hold no samples ({', '.join(shards.urls[:3])}...): nothing to stream")
+        self.rank, self.seed, self.buffer, self.lanes = rank, seed, shuffle_buffer, lanes
         self.max_bad_fraction = max_bad_fraction
         self.epoch = 0
         self.generations = [Generation(world_size, max(num_workers, 1), batch_size)]
@@ -105,11 +125,15 @@ class ShardStream(IterableDataset):
     def shard_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.urls))
 
+    def plan(self) -> EpochPlan:
+        """The current epoch's order (see `plan.py`)."""
+        lengths = np.asarray(self.shards.lengths, dtype=np.int64)[self.shard_order(self.epoch)]
+        return EpochPlan(lengths, seed=self.seed, epoch=self.epoch, generations=self.generations, lanes=self.lanes, buffer=self.buffer)
+
     def batches_per_epoch(self) -> int:
         """Batches each rank yields in the current generation (the same on every rank)."""
         gen = self.generations[-1]
-        pieces = current_pieces(self.shards.num_samples, seed=self.seed, epoch=self.epoch, generations=self.generations, buffer=self.buffer)
-        return pieces[0].length // gen.batch * gen.workers if pieces else 0
+        return self.plan().piece(len(self.generations) - 1, 0).length // gen.batch * gen.workers
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
@@ -121,18 +145,18 @@ class ShardStream(IterableDataset):
         gen = self.generations[-1]
         worker = info.id if info is not None else 0
         slot = self.rank * gen.workers + worker
-        g = len(self.generations) - 1
-        pieces = current_pieces(self.shards.num_samples, seed=self.seed, epoch=self.epoch, generations=self.generations, buffer=self.buffer)
-        key = (self.seed, self.epoch, g, slot)
-        cursor = _Cursor(self.shards, self.shard_order(self.epoch), self.opener)
+        plan = self.plan()
+        piece, blocks = plan.current(slot)
+        cursor = _SlotReader(self.shards, self.shard_order(self.epoch), plan.starts, self.opener)
         bad: Counter = Counter()
         seen = 0
         last_good = None
         pending = 0  # bad samples before the first good one, filled once one arrives
         items: list = []  # (image, target, position) of the batch being filled
         try:
-            for positions, order, first in slot_order(pieces[slot], skip=gen.slot_consumed(slot), buffer=self.buffer, key=key):
-                raw = cursor.read(positions)
+            key = plan.key(len(self.generations) - 1, slot)
+            for positions, counts, order, first in slot_order(piece, blocks, skip=gen.slot_consumed(slot), key=key):
+                raw = cursor.read(positions, counts)
                 for idx in order[first:]:
                     sample, position = raw[idx], int(positions[idx])
                     seen += 1
@@ -202,13 +226,22 @@ class StreamLoader:
             "seed": self.stream.seed,
             "epoch": self.stream.epoch,
             "generations": [g.as_dict() for g in self.stream.generations],
+            "order": self._order(),
             "bad_counts": dict(self.bad_counts),
         }
+
+    def _order(self) -> dict:
+        return {"shuffle_buffer": self.stream.buffer, "interleave_shards": self.stream.lanes}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.stream.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, config has {self.stream.seed}")
         gens = [Generation(**g) for g in state["generations"]]
+        if state.get("order") != self._order() and any(g.consumed_batches for g in gens):
+            raise ValueError(
+                f"data state was saved mid-epoch with order {state.get('order')}, config has {self._order()}: "
+                "resume with the same data.shuffle_buffer and data.interleave_shards (the epoch's order depends on them)"
+            )
         now = self.stream.generations[-1]
         last = gens[-1]
         if (last.world, last.workers, last.batch) != (now.world, now.workers, now.batch) and last.consumed_batches:
@@ -251,9 +284,10 @@ def open_shard_set(pattern: str) -> ShardSet:
 
     from data_pipeline.storage import expand_urls
 
-    urls = expand_urls(pattern)
+    urls = [u for u in expand_urls(pattern) if u.strip()]
     if not urls:
-        raise ValueError(f"data URL pattern {pattern!r} names no shards")
+        raise ValueError(f"data URL pattern {pattern!r} names no shards: give a path, a brace pattern "
+                         "(train-{000000..000099}.tar), s3:// or http(s):// URLs")
     lengths: dict[str, int] = {}
     info_url = posixpath.join(posixpath.dirname(urls[0]), "_info.json")
     try:

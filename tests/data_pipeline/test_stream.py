@@ -6,12 +6,13 @@ import itertools
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import build_loader
-from data_pipeline.plan import Generation, current_pieces
+from data_pipeline.plan import EpochPlan, Generation, block_permutation, real_items
 from data_pipeline.sample import Sample
 from data_pipeline.shards import iter_tar_samples
 from data_pipeline.stream import ShardStream, StreamLoader, TooManyBadSamples, open_shard_set
@@ -37,10 +38,10 @@ def uneven_shards(tmp_path_factory):
     return pattern, sum(sizes)
 
 
-def make_loader(pattern, *, rank, world, workers, batch=4, seed=3, buffer=8):
+def make_loader(pattern, *, rank, world, workers, batch=4, seed=3, buffer=8, lanes=3):
     stream = ShardStream(
         open_shard_set(pattern), key_id, batch_size=batch, rank=rank, world_size=world,
-        num_workers=workers, seed=seed, shuffle_buffer=buffer, max_bad_fraction=0.0,
+        num_workers=workers, seed=seed, shuffle_buffer=buffer, max_bad_fraction=0.0, lanes=lanes,
     )
     return StreamLoader(stream, num_workers=workers)
 
@@ -198,15 +199,30 @@ def test_stream_from_s3_survives_dropped_connections(photo_shards, s3_server, s3
 
 
 def test_plan_memory_does_not_grow_with_samples():
-    """300M samples over 4096 slots: pieces are a few segments each, also after a resume
-    on another world size (at most one shuffle block of single positions per slot)."""
+    """300M samples in 30k shards over 4096 slots: a slot's piece is a few segments, also after
+    a resume on another world size (at most one shuffle block of single positions per old slot)."""
+    lengths = np.full(30_000, 10_000)
     gens = [Generation(512, 8, 64, consumed_batches=1001), Generation(384, 8, 64)]
-    pieces = current_pieces(300_000_000, seed=0, epoch=0, generations=gens[:1], buffer=1000)
-    assert max(len(p.segments) for p in pieces) <= 2
-    resumed = current_pieces(300_000_000, seed=0, epoch=0, generations=gens, buffer=1000)
-    assert sum(len(p.segments) for p in resumed) <= 4096 * 1000 + 2 * 3072
-    consumed = sum(min(gens[0].slot_consumed(s), p.real) for s, p in enumerate(pieces))  # padding is not a sample
-    assert consumed > 512 * 1000 * 64 and sum(p.real for p in resumed) == 300_000_000 - consumed
+    before = EpochPlan(lengths, seed=0, epoch=0, generations=gens[:1], lanes=64, buffer=1000)
+    assert max(len(before.piece(0, s).segments) for s in (0, 1, 4095)) <= 2
+    after = EpochPlan(lengths, seed=0, epoch=0, generations=gens, lanes=64, buffer=1000)
+    pieces = [after.piece(1, s) for s in (0, 1000, 3071)]
+    assert all(len(p.segments) <= 2 * 1000 + 2 * 64 for p in pieces)
+    real = real_items(300_000_000, 4096, 64)
+    padded = int(np.flatnonzero((real > 0) & (real < real[0]))[0])
+    consumed = sum(min(gens[0].slot_consumed(s), int(real[s])) for s in range(4096) if s != padded)
+    assert after.total(1) == 300_000_000 - consumed - consumed_real(before, padded)
+
+
+def consumed_real(plan, slot):
+    """Samples (padding excluded) slot `slot` of generation 0 handed out, by replaying its read order."""
+    piece, blocks, n = plan.piece(0, slot), plan.blocks(0, slot), plan.generations[0].slot_consumed(slot)
+    emitted, b = [], 0
+    while sum(map(len, emitted)) < n:
+        idx, _ = blocks.items(b)
+        emitted.append(idx[block_permutation(len(idx), *plan.key(0, slot), b)])
+        b += 1
+    return int((np.concatenate(emitted)[:n] < piece.real).sum())
 
 
 def test_in_process_stream_leaves_the_trainers_random_state_alone(photo_shards):
