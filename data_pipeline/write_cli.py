@@ -23,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-encode every image as JPEG at this quality (default: keep the original bytes)")
     parser.add_argument("--processes", type=int, default=1, help="processes writing shards in parallel")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion, keeping finished shards")
-    parser.add_argument("--limit", type=int, default=None, help="convert only the first N items")
+    parser.add_argument("--limit", type=int, default=None, help="convert a seeded random subset of N items")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0,
+                       help="items are shuffled with this seed before they are cut into shards (default 0)")
+    order.add_argument("--no-shuffle", action="store_true", help="keep the source's order (class-sorted sources give one-class shards)")
     parser.add_argument("--synset-map", default=None, help="imagenet21k-tars: synsets in label order (one per line, or JSON)")
     parser.add_argument("--class-names", default=None, help="label-list: class names in label order (one per line, or JSON)")
     parser.add_argument("--image-root", default=None, help="label-list: folder the paths are relative to (default: the list's)")
@@ -36,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     info = write_source(
         source, args.output, prefix=args.prefix or args.split, split=args.split, samples_per_shard=per_shard,
         shard_bytes=args.shard_size, quality=args.quality, processes=args.processes, resume=args.resume, limit=args.limit,
+        shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
     )
     print(f"wrote {info['num_samples']} samples in {len(info['filenames'])} shards to {args.output}")
     return 0

@@ -1,8 +1,13 @@
 """Write samples into WebDataset tar shards plus the `_info.json` index timm's reader_wds reads.
 
-`write_source` converts an indexed source (see `sources.py`): shard boundaries are planned
-up front from the items' byte sizes, so every shard's contents are fixed before any is
-written. Processes then write whole shards in any order and the output is the same bytes
+`write_source` converts an indexed source (see `sources.py`). Items are shuffled first by
+default (`shuffle_seed`; None keeps the source's order): a class-sorted listing (an
+ImageFolder, ImageNet-21k's per-synset tars) would otherwise give shards of one class, and
+no bounded reader buffer can mix those back into i.i.d. batches. The shuffle is a seeded
+bijection of the item indices (`permutation.py`: no permutation array, so JFT-300M from a
+CSV plans in the memory its listing already takes), and `limit` keeps the first N items of
+it, a seeded random subset. Shard boundaries are then planned up front from the items'
+byte sizes, so every shard's contents are fixed before any is written. Processes then write whole shards in any order and the output is the same bytes
 whatever their number; each shard is written under a temp name and put in place only when
 complete, and `resume=True` skips the shards already in place. `write_split` writes an
 iterable of samples in one process (no random access needed).
@@ -17,14 +22,15 @@ import multiprocessing
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from data_pipeline.permutation import IndexPermutation
 from data_pipeline.sample import Sample
 from data_pipeline.shards import count_samples
 from data_pipeline.sources import Source
@@ -79,11 +85,16 @@ def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
     return members
 
 
-def reencode_jpeg(sample: Sample, quality: int) -> Sample:
-    """The sample's image as a JPEG at `quality` (only when asked: originals are kept otherwise)."""
-    with Image.open(io.BytesIO(sample.image)) as img:
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+def reencode_jpeg(sample: Sample, quality: int) -> Sample | None:
+    """The sample's image as a JPEG at `quality` (only when asked: originals are kept otherwise);
+    None, logged, when its bytes do not decode."""
+    try:
+        with Image.open(io.BytesIO(sample.image)) as img:
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    except Exception as err:  # PIL raises many types for broken bytes
+        log.warning("skipping %s: cannot re-encode it (%s)", sample.key, err)
+        return None
     return Sample(sample.key, buf.getvalue(), "jpg", sample.label)
 
 
@@ -152,17 +163,34 @@ def write_split(
 
 # ---------------------------------------------------------------- indexed sources, in parallel
 
-def plan_shards(sizes: np.ndarray, *, samples_per_shard: int | None = None, shard_bytes: int | None = None) -> np.ndarray:
-    """Shard boundaries [0, b1, ..., n]: fixed counts, or cuts where the running byte total
-    crosses each multiple of `shard_bytes` (vectorised: no per-item loop at 300M items)."""
-    n = len(sizes)
+def item_order(count: int, *, limit: int | None, shuffle_seed: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Written item i -> source index: a seeded permutation (its first `limit` items: a random
+    subset), or the source's order (with `limit`: a seeded random subset kept in that order)."""
+    if shuffle_seed is None and limit is None:
+        return lambda idx: np.asarray(idx, dtype=np.int64)
+    perm = IndexPermutation(count, 0 if shuffle_seed is None else shuffle_seed)
+    if shuffle_seed is not None:
+        return perm
+    subset = np.sort(perm(np.arange(min(limit, count))))
+    return lambda idx: subset[idx]
+
+
+def plan_shards(n: int, sizes: Callable[[np.ndarray], np.ndarray] | None = None, *, samples_per_shard: int | None = None,
+                shard_bytes: int | None = None, chunk: int = 1 << 22) -> np.ndarray:
+    """Shard boundaries [0, b1, ..., n]: fixed counts, or cuts where the running byte total of
+    `sizes(items)` crosses each multiple of `shard_bytes` (vectorised, a chunk at a time: no
+    per-item loop and no n-sized array at 300M items)."""
     if samples_per_shard:
-        return np.unique(np.append(np.arange(0, n, samples_per_shard), n))
+        return np.unique(np.append(np.arange(0, n, samples_per_shard), n)).astype(np.int64)
     if not shard_bytes:
         raise ValueError("give samples_per_shard or shard_bytes")
-    ends = np.cumsum(sizes)
-    cuts = np.searchsorted(ends, np.arange(1, int(ends[-1] // shard_bytes) + 1) * shard_bytes, side="left") + 1 if n else []
-    return np.unique(np.concatenate([[0], np.minimum(cuts, n), [n]])).astype(np.int64)
+    cuts, carry = [np.zeros(1, np.int64)], 0
+    for lo in range(0, n, chunk):
+        ends = carry + np.cumsum(sizes(np.arange(lo, min(lo + chunk, n))))
+        marks = np.arange(carry // shard_bytes + 1, int(ends[-1]) // shard_bytes + 1, dtype=np.int64) * shard_bytes
+        cuts.append(lo + np.searchsorted(ends, marks, side="left") + 1)
+        carry = int(ends[-1])
+    return np.unique(np.minimum(np.concatenate([*cuts, [n]]), n)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -173,6 +201,7 @@ class WriteJob:
     target: OutputTarget
     prefix: str
     bounds: np.ndarray
+    order: Callable[[np.ndarray], np.ndarray]  # written item -> source index
     quality: int | None
 
     def name(self, k: int) -> str:
@@ -182,13 +211,19 @@ class WriteJob:
         """Shard k -> (k, samples written, unreadable items skipped)."""
         shard = ShardFile(self.target, self.name(k))
         skipped = 0
+        last_key = None
         try:
-            for i in range(int(self.bounds[k]), int(self.bounds[k + 1])):
+            for i in self.order(np.arange(self.bounds[k], self.bounds[k + 1])).tolist():
                 sample = self.source.load(i)
+                if sample is not None and self.quality:
+                    sample = reencode_jpeg(sample, self.quality)
                 if sample is None:
                     skipped += 1
                     continue
-                shard.add(reencode_jpeg(sample, self.quality) if self.quality else sample)
+                if sample.key == last_key:  # shuffled next to a namesake: equal keys would merge in the tar
+                    sample = replace(sample, key=f"{sample.key}_{i}")
+                last_key = sample.key
+                shard.add(sample)
         except BaseException:
             shard.discard()
             raise
@@ -219,15 +254,21 @@ def write_source(
     processes: int = 1,
     resume: bool = False,
     limit: int | None = None,
+    shuffle_seed: int | None = 0,
 ) -> dict:
-    """Convert `source` into shards in `out` (a folder or s3://bucket/prefix); returns the split's index."""
+    """Convert `source` into shards in `out` (a folder or s3://bucket/prefix); returns the split's index.
+    `shuffle_seed=None` keeps the source's order."""
+    if not len(source):
+        raise ValueError(f"the {source.kind} source holds no items: nothing to write")
     target = output_target(out)
     n = len(source) if limit is None else min(limit, len(source))
-    bounds = plan_shards(source.sizes()[:n], samples_per_shard=samples_per_shard, shard_bytes=shard_bytes)
-    job = WriteJob(source, target, prefix, bounds, quality)
+    order = item_order(len(source), limit=limit, shuffle_seed=shuffle_seed)
+    all_sizes = source.sizes() if shard_bytes else None
+    bounds = plan_shards(n, lambda idx: all_sizes[order(idx)], samples_per_shard=samples_per_shard, shard_bytes=shard_bytes)
+    job = WriteJob(source, target, prefix, bounds, order, quality)
     names = [job.name(k) for k in range(len(bounds) - 1)]
     plan = {
-        "source": source.describe(), "limit": n, "quality": quality, "prefix": prefix,
+        "source": source.describe(), "limit": n, "quality": quality, "prefix": prefix, "shuffle_seed": shuffle_seed,
         "bounds": hashlib.sha1(bounds.tobytes()).hexdigest(),
     }
     progress_name = f"_progress-{prefix}.json"

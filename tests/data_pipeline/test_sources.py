@@ -43,7 +43,7 @@ def test_image_folder_keeps_original_bytes_and_sorted_class_indices(tmp_path, ph
     (root / "dog" / "sub" / "p.png").write_bytes(png)
     Image.new("RGB", (5, 4), "red").save(root / "cat" / "b.bmp")  # becomes PNG
     (root / "cat" / "broken.jpg").write_bytes(b"not an image")  # skipped and logged
-    write_source(sources.ImageFolderSource(root), tmp_path / "out", prefix="train", samples_per_shard=3)
+    write_source(sources.ImageFolderSource(root), tmp_path / "out", prefix="train", samples_per_shard=3, shuffle_seed=None)
     back = {s["__key__"]: s for s in read_back(tmp_path / "out")}
     for key, (data, label) in expected.items():
         assert back[key]["jpg"] == data and int(back[key]["cls"]) == label
@@ -69,7 +69,7 @@ def test_synset_tars_follow_the_synset_map(tmp_path, photos):
     write_tar(root / "n00000009.tar", {"n00000009_0.JPEG": photos[20]})  # not in the map: skipped
     (tmp_path / "synsets.txt").write_text("n00000002 second\nn00000001 first\n")
     source = sources.SynsetTarsSource(root, tmp_path / "synsets.txt")
-    write_source(source, tmp_path / "out", prefix="train", samples_per_shard=2, processes=2)
+    write_source(source, tmp_path / "out", prefix="train", samples_per_shard=2, processes=2, shuffle_seed=None)
     back = {s["__key__"]: s for s in read_back(tmp_path / "out")}
     assert len(back) == 7
     assert back["n00000002_3"]["jpg"] == photos[3] and int(back["n00000002_3"]["cls"]) == 0
@@ -90,7 +90,7 @@ def test_label_list_writes_multi_label_samples(tmp_path, photos, fmt):
         text = "".join(json.dumps({"path": p, "labels": ls}) + "\n" for p, ls in rows)
     (tmp_path / f"list.{fmt}").write_text(text)
     source = sources.LabelListSource(tmp_path / f"list.{fmt}", class_names=tmp_path / "classes.txt")
-    write_source(source, tmp_path / "out", prefix="train", samples_per_shard=10)
+    write_source(source, tmp_path / "out", prefix="train", samples_per_shard=10, shuffle_seed=None)
     back = read_back(tmp_path / "out")
     assert [json.loads(s["labels.json"]) for s in back] == [[0, 1], [2], [2, 0, 1], []]
     assert [s["jpg"] for s in back] == photos[:4]
@@ -122,7 +122,7 @@ def test_cifar10_pixels_and_labels_round_trip(tmp_path):
     images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     labels = [int(x) for x in rng.integers(0, 10, 10)]
     write_cifar10(tmp_path, images, labels)
-    write_source(sources.CifarSource(tmp_path, "train"), tmp_path / "out", prefix="train", samples_per_shard=4)
+    write_source(sources.CifarSource(tmp_path, "train"), tmp_path / "out", prefix="train", samples_per_shard=4, shuffle_seed=None)
     back = read_back(tmp_path / "out")
     assert all(np.array_equal(pixels(s["png"]), img) for s, img in zip(back, images))
     assert [int(s["cls"]) for s in back] == labels
@@ -158,7 +158,7 @@ def test_fashion_mnist_pixels_and_labels_round_trip(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(7, dtype=np.uint8))
-    write_source(sources.FashionMnistSource(tmp_path, "train"), tmp_path / "out", prefix="train", samples_per_shard=3)
+    write_source(sources.FashionMnistSource(tmp_path, "train"), tmp_path / "out", prefix="train", samples_per_shard=3, shuffle_seed=None)
     back = read_back(tmp_path / "out")
     assert all(np.array_equal(pixels(s["png"]), img) for s, img in zip(back, images))
     assert [int(s["cls"]) for s in back] == list(range(7))

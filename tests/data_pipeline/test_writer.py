@@ -13,7 +13,7 @@ from PIL import Image
 from data_pipeline import sources
 from data_pipeline.sample import Sample
 from data_pipeline.shards import iter_tar_samples
-from data_pipeline.writer import parse_size, read_info, write_source, write_split
+from data_pipeline.writer import item_order, parse_size, read_info, write_source, write_split
 
 
 def png_samples(n):
@@ -123,12 +123,11 @@ def test_shard_size_target(tmp_path, photos):
 
 
 class CrashingFolder(sources.ImageFolderSource):
-    """The same listing, but the conversion dies at item `crash_at`, as a killed run would."""
-
-    crash_at = 17
+    """The same listing, but the conversion dies at the 18th item written (in shard 3 of 5-item
+    shards), as a killed run would."""
 
     def load(self, i):
-        if i == self.crash_at:
+        if i == item_order(len(self), limit=None, shuffle_seed=0)(np.array([17]))[0]:
             raise KeyboardInterrupt
         return super().load(i)
 
@@ -182,5 +181,6 @@ def test_write_to_s3_resume_then_stream_back(tmp_path, photos, s3_server, monkey
     assert shards.lengths == [5, 5, 5, 5, 4]
     with storage.open_url(shards.urls[3]) as f:
         back = list(iter_tar_samples(f, shards.urls[3]))
-    assert [b["jpg"] for b in back] == [source.load(i).image for i in range(15, 20)]
+    order = item_order(len(source), limit=None, shuffle_seed=0)
+    assert [b["jpg"] for b in back] == [source.load(i).image for i in order(np.arange(15, 20))]
     storage._s3_client_for.cache_clear()
