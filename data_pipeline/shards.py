@@ -39,6 +39,11 @@ def iter_tar_samples(stream: BinaryIO, url: str) -> Iterator[RawSample]:
 
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular and contiguous files; directories and links are skipped
 _ZERO_BLOCK = bytes(512)
+MAX_MEMBER_BYTES = 256 * 2**20  # one image (or label) larger than this is a corrupt or crafted header
+
+
+class OversizedMember(tarfile.ReadError):
+    """A member header claims more bytes than `MAX_MEMBER_BYTES`: nothing is allocated for it."""
 
 
 def iter_tar_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, bytes]]:
@@ -57,7 +62,10 @@ def iter_tar_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, bytes]]:
             return  # end of archive (two zero blocks, or a writer that left them out)
         if _checksum(header) != _octal(header[148:156], url):
             raise tarfile.ReadError(f"{url}: bad tar header checksum")
-        size = int(pax["size"]) if "size" in pax else _octal(header[124:136], url)
+        size = _pax_size(pax["size"], url) if "size" in pax else _octal(header[124:136], url)
+        if size > MAX_MEMBER_BYTES:
+            raise OversizedMember(f"{url}: member {pax.get('path') or long_name or _ustar_name(header)!r} claims {size} bytes, "
+                                  f"over the {MAX_MEMBER_BYTES}-byte limit of one member (a corrupt or crafted tar header)")
         data = stream.read(size)
         if len(data) < size:
             raise EOFError(f"{url}: member cut short ({len(data)} of {size} bytes)")
@@ -92,6 +100,12 @@ def _octal(field: bytes, url: str) -> int:
         raise tarfile.ReadError(f"{url}: not a tar header (bad number {field!r})") from None
 
 
+def _pax_size(text: str, url: str) -> int:
+    if not text.isdigit():
+        raise tarfile.ReadError(f"{url}: malformed pax size {text!r}")
+    return int(text)
+
+
 def _ustar_name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0].decode(errors="surrogateescape")
     prefix = header[345:500].split(b"\0", 1)[0].decode(errors="surrogateescape") if header[257:262] == b"ustar" else ""
@@ -120,7 +134,12 @@ class UnreadableSample(Exception):
     def __init__(self, url: str, index: int, cause: BaseException):
         super().__init__(f"{url}: sample {index} of the shard is unreadable: {cause}")
         # a cut tar is truncated; a connection that kept failing after retries is unreadable
-        self.reason = "unreadable_shard" if isinstance(cause, OSError) and not isinstance(cause, EOFError) else "truncated_shard"
+        if isinstance(cause, OversizedMember):
+            self.reason = "oversized_member"
+        elif isinstance(cause, OSError) and not isinstance(cause, EOFError):
+            self.reason = "unreadable_shard"
+        else:
+            self.reason = "truncated_shard"
 
 
 class ShardCursor:
