@@ -16,7 +16,7 @@ from pathlib import Path
 from data_pipeline import sources
 from data_pipeline.writer import read_info, write_split
 from pretrain.fewshot_cli import evaluate_fewshot, log_fewshot
-from pretrain.export import load_exported
+from pretrain.weights import load_exported
 from pretrain.tracking import MLflowTracker
 
 PRETRAIN_CONFIG = "configs/pretrain/demo_fmnist.yaml"

@@ -2,7 +2,7 @@
 
 The weights are the backbone's alone, with timm's parameter names, so
 `timm.create_model(meta["timm_name"], **meta["timm_kwargs"])` loads them with strict=True
-wherever timm has the architecture; `load_exported` rebuilds every model of the project.
+wherever timm has the architecture; `pretrain.weights.load_exported` rebuilds every model of the project.
 """
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from pretrain.models import build_model, export_spec
+from pretrain.models import export_spec
+from pretrain.weights import load_exported, sidecar_path  # noqa: F401  (the reading side: pretrain.weights)
 
 BACKBONE_PREFIX = "backbone."
-
-
-def sidecar_path(weights: str | Path) -> Path:
-    return Path(weights).with_suffix(".json")
 
 
 def save_exported(state_dict: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> Path:
@@ -37,46 +34,6 @@ def save_exported(state_dict: dict[str, torch.Tensor], path: str | Path, meta: d
     os.replace(tmp, path)
     os.replace(side_tmp, side)
     return path
-
-
-def load_exported(path: str | Path, *, device: str | torch.device = "cpu", image_size: int | None = None,
-                  num_classes: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the exported model (eval mode) and return it with its sidecar metadata.
-
-    `image_size` builds it for another resolution (position embeddings resampled in 2-D);
-    `num_classes` gives it a fresh head of that size (the old head's weights are dropped).
-    """
-    path = Path(path)
-    side = sidecar_path(path)
-    if not path.is_file() or not side.is_file():
-        raise FileNotFoundError(
-            f"exported model {path} (and its sidecar {side.name}) not found; "
-            "make one with `python -m pretrain export --checkpoint DIR --out FILE.safetensors`"
-        )
-    meta = json.loads(side.read_text())
-    kwargs = dict(meta.get("model_kwargs", {}))
-    old_size = meta["image_size"]
-    resize = image_size is not None and image_size != old_size
-    if resize:
-        kwargs["img_size"] = image_size
-        meta = {**meta, "image_size": image_size}
-    new_head = num_classes is not None and num_classes != meta["num_classes"]
-    model = build_model(meta["model"], num_classes=num_classes or meta["num_classes"], **kwargs)
-    state = load_file(str(path), device=str(device))
-    if new_head:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        meta = {**meta, "num_classes": num_classes}
-    if resize:
-        # Every position-embedding kind (learned, 2-D halves, relative) resampled in 2-D, prefix tokens kept.
-        from pretrain.models.posembed import resize_pos_embed_in_state_dict
-
-        state = resize_pos_embed_in_state_dict(state, model_name=meta["model"], old_img_size=old_size, new_img_size=image_size,
-                                               **{k: v for k, v in kwargs.items() if k != "img_size"})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (new_head and k.startswith("head."))]
-    if missing or unexpected:
-        raise KeyError(f"{path} does not fit model {meta['model']}: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval(), meta
 
 
 def backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

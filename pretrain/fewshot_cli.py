@@ -13,11 +13,11 @@ import numpy as np
 import torch.nn as nn
 
 from pretrain.datasets import LabeledImages, dataset_spec, dev_split, load_dataset
-from pretrain.export import load_exported
 from pretrain.features import extract_features
 from pretrain.fewshot import L2_GRID, FeatureSet, fewshot_table, select_l2
 from pretrain.model_source import SOURCE_HELP, local_exported, provenance_tags
 from pretrain.tracking import Tracker, build_tracker, failing_closes, seed_stats
+from pretrain.weights import load_exported
 
 
 @dataclass

@@ -28,11 +28,10 @@ from pretrain.config import TransferConfig, dump_config, load_config
 from pretrain.datasets import LabeledImages, dataset_spec, dev_split, load_dataset
 from pretrain.distributed import DistInfo, init_distributed, print0, shutdown
 from pretrain.engine import build_engine, resolve_grad_accum, train_step
-from pretrain.export import load_exported
 from pretrain.model_source import local_exported, provenance_tags
-from pretrain.models import zero_init_head
 from pretrain.objectives import build_objective
 from pretrain.tracking import Tracker, build_tracker, failing_closes, seed_stats
+from pretrain.weights import load_exported
 
 METRICS = ("top1", "mean_per_class")
 
@@ -79,8 +78,8 @@ def finetune(cfg: TransferConfig, *, model_path: Path, lr: float, seed: int, tra
              dist_info: DistInfo, tracker: Tracker, prefix: str) -> dict[str, float]:
     """One fine-tuning run at `lr` from the exported weights; metrics logged under `prefix`."""
     torch.manual_seed(seed)
-    model, meta = load_exported(model_path, image_size=cfg.data.image_size, num_classes=train.num_classes)
-    zero_init_head(model).train()
+    model, meta = load_exported(model_path, image_size=cfg.data.image_size, num_classes=train.num_classes)  # zero D x K head
+    model.train()
     train.transform = build_transform(cfg.data.image_size, cfg.data.augment, meta["mean"], meta["std"])
     test.transform = build_transform(cfg.data.image_size, "none", meta["mean"], meta["std"])
     micro = cfg.data.batch_size

@@ -52,7 +52,7 @@ def load_subject(spec: str, *, image_size: int | None, device: str) -> Subject:
         model = timm.create_model(name, pretrained=False, num_classes=0)
         cfg = model.pretrained_cfg
         return Subject(name, model, image_size or cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
-    from pretrain.export import load_exported
+    from pretrain.weights import load_exported
 
     model, meta = load_exported(spec, device=device)
     return Subject(meta["model"], model, int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))

@@ -12,13 +12,13 @@ from pretrain.detection.losses import SetCriterion
 def build_backbone(*, checkpoint: str | None, model: str | None, kwargs: dict, image_size: int) -> tuple[nn.Module, dict]:
     """The backbone at `image_size`, classifier removed, with its export meta ({} when built fresh).
 
-    An exported model's position embeddings are resampled in 2-D to the new patch grid
-    (`pretrain.export.load_exported(image_size=...)`).
+    An exported model loses its whole pretraining head (tanh pre-logits included) and its
+    position embeddings are resampled in 2-D to the new patch grid (`pretrain.weights`).
     """
     if checkpoint is not None:
-        from pretrain.export import load_exported
+        from pretrain.weights import load_exported
 
-        backbone, meta = load_exported(checkpoint, image_size=image_size)
+        backbone, meta = load_exported(checkpoint, image_size=image_size, num_classes=0)
     else:
         from pretrain.models import build_model
 

@@ -20,8 +20,6 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel
 from pretrain.models.registry import build_model
 from pretrain.models.vit import resample_axial_pos_embed
 
-HEAD_PREFIXES = ("head.", "pre_logits.")
-
 
 def _meta_model(model_name: str, img_size: int, patch_size: int | None, model_kwargs: dict[str, Any]) -> nn.Module:
     kwargs = dict(model_kwargs)
@@ -72,47 +70,3 @@ def resize_pos_embed_in_state_dict(
                 f"trained at {old_img_size} px with the same model arguments {model_kwargs}?"
             )
     return out
-
-
-def build_from_state_dict(
-    model_name: str,
-    state_dict: dict[str, torch.Tensor],
-    *,
-    num_classes: int,
-    old_img_size: int,
-    img_size: int,
-    new_patch_size: int | None = None,
-    new_head: bool = True,
-    grad_checkpointing: bool = False,
-    **model_kwargs: Any,
-) -> nn.Module:
-    """`model_name` built for `img_size` with the weights `state_dict` trained at `old_img_size`.
-
-    new_head=True (fine-tuning, as in the ViT paper): the trained classifier and any tanh
-    pre-logits layer are dropped and a zero-initialised linear head of `num_classes` is attached.
-    new_head=False: every weight is kept (num_classes must be the trained one).
-    `model_kwargs` are the training run's model arguments (the sidecar's "model_kwargs").
-    """
-    if "img_size" in model_kwargs:
-        raise TypeError("pass the sizes as old_img_size/img_size, not inside the model arguments")
-    state = state_dict
-    if new_head:
-        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "pre_logits_size"}
-        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-    state = resize_pos_embed_in_state_dict(
-        state, model_name=model_name, old_img_size=old_img_size, new_img_size=img_size,
-        new_patch_size=new_patch_size, **model_kwargs,
-    )
-    if new_patch_size is not None:
-        model_kwargs = {**model_kwargs, "patch_size": new_patch_size}
-    model = build_model(model_name, num_classes=num_classes, grad_checkpointing=grad_checkpointing,
-                        zero_head=new_head, img_size=img_size, **model_kwargs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if new_head:
-        missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if missing or unexpected:
-        raise KeyError(
-            f"weights do not fit {model_name} with arguments {model_kwargs}: missing {missing}, unexpected "
-            f"{unexpected}; pass the model arguments the weights were trained with"
-        )
-    return model
