@@ -41,5 +41,7 @@ def flops_per_image(model_or_name: str | nn.Module, img_size: int | tuple[int, i
         if model_kwargs:
             raise TypeError(f"model arguments {sorted(model_kwargs)} apply to a registry name, not a built model")
         model = model_or_name
-        tensors = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+        # ZeRO-3 partitioned parameters are empty outside forward; ds_shape is their full shape
+        tensors = {k: torch.empty(getattr(v, "ds_shape", v.shape), dtype=v.dtype, device="meta")
+                   for k, v in [*model.named_parameters(), *model.named_buffers()]}
     return _count(model, 2, size, in_chans, tensors) - _count(model, 1, size, in_chans, tensors)

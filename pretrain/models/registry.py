@@ -19,6 +19,8 @@ from pretrain.models.vit import BuildPlan, resolve_vit
 
 VIT_PAPER = "Dosovitskiy et al. 2021 (ViT), Table 1"
 AUGREG = "Steiner et al. 2022 (How to train your ViT), model table"
+SCALING = "Zhai et al. 2022 (Scaling Vision Transformers), Table 2"
+VIT22B = "Dehghani et al. 2023 (Scaling Vision Transformers to 22 Billion Parameters), Table 1"
 PERVIT_PAPER = "Min et al. 2022 (PerViT), model table"
 
 
@@ -47,6 +49,10 @@ MODELS: dict[str, ModelSpec] = {
     "vit_demo": ModelSpec("vit", _vit("vit_tiny_patch16_224", 4, 96, 4, 3, img_size=28), tiny=True),
     # Hybrid on the ResNet stem only (timm's R+ViT-Ti): 32 px -> 8x8 stem map -> 4x4 grid of 2x2 patches.
     "r_vit_demo": ModelSpec("vit", _vit("vit_tiny_r_s16_p8_224", 2, 64, 2, 2, hybrid_layers=(), img_size=32), tiny=True),
+    # CPU twins of the largest shapes: the same block layout and MLP ratio, a few blocks.
+    "vit_g14_demo": ModelSpec("vit", _vit("vit_giant_patch14_224", 4, 88, 2, 4, mlp_ratio=48 / 11, img_size=32), tiny=True),
+    "vit_G14_demo": ModelSpec("vit", _vit("vit_gigantic_patch14_224", 4, 104, 2, 4, mlp_ratio=64 / 13, img_size=32), tiny=True),
+    "vit_22b_demo": ModelSpec("vit", _vit("vit_22b", 4, 64, 2, 4, block="parallel", img_size=32), tiny=True),
     "pervit_demo": ModelSpec("pervit", dict(img_size=64, stem_dims=(8, 8, 16, 16), embed_dims=(16, 24, 24, 32),
                                             stage_depths=(1, 1, 1, 1), num_heads=2), tiny=True),
     # The papers' models.
@@ -55,6 +61,10 @@ MODELS: dict[str, ModelSpec] = {
     "vit_b16": ModelSpec("vit", _vit("vit_base_patch16_224", 16, 768, 12, 12), 86, VIT_PAPER),
     "vit_l16": ModelSpec("vit", _vit("vit_large_patch16_224", 16, 1024, 24, 16), 307, VIT_PAPER),
     "vit_h14": ModelSpec("vit", _vit("vit_huge_patch14_224", 14, 1280, 32, 16), 632, VIT_PAPER),
+    "vit_g14": ModelSpec("vit", _vit("vit_giant_patch14_224", 14, 1408, 40, 16, mlp_ratio=48 / 11), 1011, SCALING),
+    "vit_G14": ModelSpec("vit", _vit("vit_gigantic_patch14_224", 14, 1664, 48, 16, mlp_ratio=64 / 13), 1843, SCALING),
+    # timm has no such architecture by name (timm_name None): rebuilt from the registry.
+    "vit_22b": ModelSpec("vit", _vit("vit_22b", 14, 6144, 48, 48, block="parallel"), 21_700, VIT22B),
     # R50 hybrids of the ViT paper: 1x1 patches of a BiT ResNet-50 feature map; /16 moves stage 4's
     # blocks into stage 3 (3, 4, 9), /32 keeps all four stages.
     "r50_vit_b16": ModelSpec("vit", _vit("vit_base_r50_s16_224", 1, 768, 12, 12, hybrid_layers=(3, 4, 9))),
@@ -111,5 +121,7 @@ def build_model(name: str, *, num_classes: int, grad_checkpointing: bool = False
         if "argument" not in str(err):
             raise
         raise _rejected(name, err) from None
+    if plan.init is not None:
+        plan.init(model)
     model.set_grad_checkpointing(grad_checkpointing)
     return zero_init_head(model) if zero_head else model

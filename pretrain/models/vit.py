@@ -12,6 +12,8 @@
 |                                     | token inserted after them), checkpointable |                  |
 | pos_embed="2d"                      | `ViT` below: x and y halves of D           | no               |
 | pre_logits_size=R                   | `ViT` below: Linear(D, R) + tanh, then head| no               |
+| block="parallel"                    | `ViT` below with timm's ParallelScalingBlock| no              |
+|                                     | (ViT-22B: parallel attn + MLP, q/k norm)   |                  |
 
 Everything else (img_size, drop_path_rate, weight_init, ...) goes to the timm constructor.
 * The paper's relative variant adds query-dependent logits (q . r_offset); timm's learned
@@ -19,10 +21,13 @@ Everything else (img_size, drop_path_rate, weight_init, ...) goes to the timm co
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
+from unittest import mock
 
 import timm
 import torch
@@ -30,9 +35,18 @@ import torch.nn as nn
 from timm.layers import HybridEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint
 from timm.models.convit import ConVit
-from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
 POS_EMBED_KINDS = ("learn", "none", "2d", "rel")
+# Block layouts. parallel: ViT-22B's (Dehghani et al. 2023, sec. 2): attention and MLP side by side
+# on one LayerNorm (their input projections fused), LayerNorm on queries and keys, no bias in the
+# QKV projection nor in any LayerNorm; timm's ParallelScalingBlock, with the output projections
+# fused too. The MLP keeps its biases, as in the paper.
+BLOCKS: dict[str, dict[str, Any]] = {
+    "serial": {},
+    "parallel": dict(block_fn=partial(ParallelScalingBlock, fuse_out_proj=True), qk_norm=True, qkv_bias=False,
+                     norm_layer=partial(nn.LayerNorm, eps=1e-6, bias=False)),
+}
 # timm names whose constructors take the full shape from keyword arguments.
 RELPOS_TIMM_NAME = "vit_relpos_base_patch16_224"
 CONVIT_TIMM_NAME = "convit_base"
@@ -45,6 +59,7 @@ class BuildPlan:
     build: Callable[[], nn.Module]
     timm_name: str | None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    init: Callable[[nn.Module], None] | None = None  # run by build_model on the built model (see init_vit_weights)
 
 
 def axial_pos_grid(pos_h: torch.Tensor, pos_w: torch.Tensor) -> torch.Tensor:
@@ -67,6 +82,51 @@ def resample_axial_pos_embed(pos_h: torch.Tensor, pos_w: torch.Tensor,
     return out[:, :, 0, :dh].contiguous(), out[:, 0, :, dh:].contiguous()
 
 
+def _gathered(params) -> contextlib.AbstractContextManager:
+    """ZeRO-3 partitioned `params` gathered whole on every rank (rank 0's values kept on exit); a no-op for plain ones."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def _gathered_named_apply(fn: Callable, module: nn.Module, name: str = "", depth_first: bool = True,
+                          include_root: bool = False) -> nn.Module:
+    """timm's `named_apply` (depth first) with each module's own parameters gathered around `fn`."""
+    if not depth_first:
+        raise ValueError("timm's ViT init walks depth first")
+    for child_name, child in module.named_children():
+        _gathered_named_apply(fn, child, f"{name}.{child_name}" if name else child_name, include_root=True)
+    if include_root:
+        with _gathered(module.parameters(recurse=False)):
+            fn(module=module, name=name)
+    return module
+
+
+def init_vit_weights(model: VisionTransformer, *, mode: str, needs_reset: bool) -> None:
+    """timm's `model.init_weights(mode)`, run after construction instead of at its end.
+
+    Under ZeRO-3's `deepspeed.zero.Init` every module's parameters are partitioned as soon as its
+    own `__init__` returns, so the init timm runs at the end of `VisionTransformer.__init__` would
+    write into the blocks' empty partitions: zero.Init gathers parameters only inside
+    `Module.apply`, and timm walks the modules with its own `named_apply`. Built with
+    `weight_init="skip"` and initialised here, timm's walk runs with one module's parameters
+    gathered at a time, so no rank holds more than a layer whole. The random draws are the same,
+    in the same order, as timm's constructor makes them: the weights are identical with and
+    without zero.Init (tests/pretrain/engine/test_zero_init.py).
+    """
+    owners = {sys.modules[c.__module__] for c in type(model).__mro__ if "init_weights" in c.__dict__}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_gathered(model.parameters(recurse=False)))  # pos_embed, tokens: the root's own
+        for owner in owners:
+            if hasattr(owner, "named_apply"):
+                stack.enter_context(mock.patch.object(owner, "named_apply", _gathered_named_apply))
+        model.weight_init_mode = mode  # timm reads it for mode "" (it set "reset" when skipped)
+        model.init_weights(mode, needs_reset=needs_reset)
+
+
 class ViT(VisionTransformer):
     """timm's VisionTransformer plus the two ViT-paper options timm lacks.
 
@@ -76,24 +136,32 @@ class ViT(VisionTransformer):
     drops it, as the paper does: `reset_classifier` replaces both layers by one linear layer.
     """
 
-    def __init__(self, *, pos_embed: str = "learn", pre_logits_size: int | None = None, **kwargs: Any):
+    def __init__(self, *, pos_embed: str = "learn", pre_logits_size: int | None = None, weight_init: str = "", **kwargs: Any):
         axial = pos_embed == "2d"
         if axial and kwargs.get("dynamic_img_size"):
             raise ValueError("pos_embed='2d' needs a fixed grid; drop dynamic_img_size or use pos_embed='learn'")
-        super().__init__(pos_embed="none" if axial else pos_embed, **kwargs)
+        # timm's init runs once every layer below exists (init_weights covers the extras)
+        super().__init__(pos_embed="none" if axial else pos_embed, weight_init="skip", **kwargs)
         self.pos_embed_h = self.pos_embed_w = None
         if axial:
             gh, gw = self.patch_embed.grid_size
             half = self.embed_dim // 2
-            self.pos_embed_h = nn.Parameter(trunc_normal_(torch.empty(1, gh, half), std=0.02))
-            self.pos_embed_w = nn.Parameter(trunc_normal_(torch.empty(1, gw, self.embed_dim - half), std=0.02))
+            self.pos_embed_h = nn.Parameter(torch.empty(1, gh, half))
+            self.pos_embed_w = nn.Parameter(torch.empty(1, gw, self.embed_dim - half))
         self.pre_logits = nn.Identity()
         if pre_logits_size:
             self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(self.embed_dim, pre_logits_size), act=nn.Tanh()))
-            init_weights_vit_timm(self.pre_logits.fc)
             self.head_hidden_size = pre_logits_size
             self.head = nn.Linear(pre_logits_size, self.num_classes) if self.num_classes > 0 else nn.Identity()
-            init_weights_vit_timm(self.head)
+        if weight_init != "skip":
+            self.weight_init_mode = weight_init
+            self.init_weights(weight_init, needs_reset=False)
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        super().init_weights(mode, needs_reset=needs_reset)
+        for table in (self.pos_embed_h, self.pos_embed_w):
+            if table is not None:
+                trunc_normal_(table, std=0.02)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -165,9 +233,16 @@ def resolve_vit(
     gpsa_blocks: int = 0,
     locality_strength: float = 1.0,
     pre_logits_size: int | None = None,
+    block: str = "serial",
     **timm_kwargs: Any,
 ) -> BuildPlan:
     """Build recipe for a ViT of the registry (shape in `timm_kwargs`) with the paper's options."""
+    if block not in BLOCKS:
+        raise ValueError(f"block={block!r} unknown; choose one of {', '.join(BLOCKS)}")
+    if block == "parallel":
+        if gpsa_blocks or pos_embed == "rel":
+            raise _unsupported("block='parallel'", "with gpsa_blocks or pos_embed='rel'")
+        timm_kwargs = {**BLOCKS[block], **timm_kwargs}
     if pos_embed not in POS_EMBED_KINDS:
         raise ValueError(f"pos_embed={pos_embed!r} unknown; choose one of {', '.join(POS_EMBED_KINDS)}")
     if timm_kwargs.get("class_token") is False:
@@ -187,11 +262,12 @@ def resolve_vit(
         relpos = {**relpos, **kwargs}
         relpos.setdefault("fc_norm", relpos["global_pool"] == "avg")
         return BuildPlan(partial(timm.create_model, RELPOS_TIMM_NAME, **relpos), RELPOS_TIMM_NAME, relpos)
-    if pos_embed == "2d" or pre_logits_size:
+    init = partial(init_vit_weights, mode=kwargs.pop("weight_init", ""), needs_reset=False)
+    if pos_embed == "2d" or pre_logits_size or block != "serial":
         extras = dict(pos_embed=pos_embed, pre_logits_size=pre_logits_size, hybrid_layers=hybrid_layers, **kwargs)
-        return BuildPlan(partial(_build_vit, **extras), None, {})
+        return BuildPlan(partial(_build_vit, weight_init="skip", **extras), None, {}, init)
     kwargs["pos_embed"] = pos_embed
-    return BuildPlan(partial(timm.create_model, timm_name, **kwargs), timm_name, kwargs)
+    return BuildPlan(partial(timm.create_model, timm_name, weight_init="skip", **kwargs), timm_name, kwargs, init)
 
 
 def _resolve_convit(kwargs: dict[str, Any], hybrid_layers, pos_embed: str, gpsa_blocks: int,
