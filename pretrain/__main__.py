@@ -1,9 +1,14 @@
-"""`python -m pretrain <command> ...`: each command is a module with `add_arguments` and `main`."""
+"""`python -m pretrain <command> ...`: each command is a module with `add_arguments` and `main`.
+
+Errors print one line and exit 2 (bad config, data or storage) or 1; `--debug` or
+VITSCALE_DEBUG=1 shows the traceback (data_pipeline.errors)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from data_pipeline.errors import run_cli
 
 # Imported lazily: `python -m pretrain fewshot` should not pay for DeepSpeed's import.
 COMMANDS = {
@@ -19,6 +24,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors are raised here (tests, notebooks call it); the command line prints them in one line."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m pretrain {" + ",".join(COMMANDS) + "} ...\n", file=sys.stderr)
@@ -32,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("python -m pretrain", main))

@@ -7,7 +7,10 @@ evenly); under ZeRO-0/1/2 every rank holds the whole weights and takes the same 
 So updates need no communication, memory is 1/W of a full copy per rank, and checkpoints
 have one layout: `ema_rank<r>.safetensors` per rank plus `ema.json` (world size, shapes,
 update count). A resume on another number of ranks re-slices from the saved files.
-The average follows the weights the model computes with (bf16 under bf16).
+The average follows the weights the model computes with (bf16 under bf16). Buffers
+(BatchNorm's running statistics, as in PerViT's stem) are not averaged but copied from the
+model at each save into `ema_buffers.safetensors` (rank 0's, as timm's ModelEmaV3 copies
+them by default), so the exported `model_ema` is a whole model.
 """
 from __future__ import annotations
 
@@ -18,11 +21,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from data_pipeline.storage import write_atomic
+from data_pipeline.storage import atomic_path, write_atomic
 
 META = "ema.json"
+BUFFERS = "ema_buffers.safetensors"
+
+
+def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers a state dict holds (non-persistent ones, such as cached masks, left out)."""
+    return [(f"{prefix}.{name}" if prefix else name, buf) for prefix, mod in module.named_modules()
+            for name, buf in mod._buffers.items() if buf is not None and name not in mod._non_persistent_buffers_set]
 
 
 def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -38,6 +48,7 @@ class ShardedEMA:
     def __init__(self, module: nn.Module, *, decay: float, warmup: bool, rank: int, world_size: int):
         self.decay, self.warmup, self.rank, self.world_size = decay, warmup, rank, world_size
         self.params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self.buffers = persistent_buffers(module)
         # ZeRO-3 keeps the full shape in ds_shape; the tensor itself is an empty placeholder.
         self.shapes = {name: list(getattr(p, "ds_shape", p.shape)) for name, p in self.params}
         self.updates = 0
@@ -65,12 +76,14 @@ class ShardedEMA:
         self.updates += 1
 
     def save(self, folder: str | Path) -> None:
-        """Every rank writes its slices; rank 0 the metadata."""
+        """Every rank writes its slices; rank 0 the buffers and the metadata."""
         folder = Path(folder)
-        tmp = _rank_file(folder, self.rank).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(tmp))
-        tmp.rename(_rank_file(folder, self.rank))
+        with atomic_path(_rank_file(folder, self.rank)) as tmp:
+            save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(tmp))
         if self.rank == 0:
+            if self.buffers:
+                with atomic_path(folder / BUFFERS) as tmp:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in self.buffers}, str(tmp))
             meta = {"world_size": self.world_size, "updates": self.updates, "decay": self.decay, "shapes": self.shapes}
             write_atomic(folder / META, json.dumps(meta).encode())
 
@@ -103,9 +116,10 @@ def has_ema(folder: str | Path) -> bool:
 
 
 def consolidated_ema(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The full averaged weights, {name: tensor} in their shapes."""
+    """The full averaged weights, {name: tensor} in their shapes, and the model's buffers."""
     folder = Path(folder)
     if not has_ema(folder):
         raise FileNotFoundError(f"{folder} holds no EMA weights: train with `train.ema` set")
     meta = json.loads((folder / META).read_text())
-    return {name: flat.view(meta["shapes"][name]) for name, flat in _iter_full(folder, meta)}
+    buffers = load_file(str(folder / BUFFERS)) if (folder / BUFFERS).is_file() else {}
+    return {**buffers, **{name: flat.view(meta["shapes"][name]) for name, flat in _iter_full(folder, meta)}}

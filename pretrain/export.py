@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline import storage
+from data_pipeline.storage import atomic_path, write_atomic
 from pretrain.models import export_spec
 from pretrain.weights import load_exported, sidecar_path  # noqa: F401  (the reading side: pretrain.weights)
 
@@ -22,17 +23,13 @@ BACKBONE_PREFIX = "backbone."
 
 
 def save_exported(state_dict: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> Path:
-    """Write weights and sidecar under temp names, then rename."""
+    """Write weights, then sidecar, each atomically (temp name, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    side = sidecar_path(path)
-    side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    side_tmp.write_text(json.dumps({**meta, **export_spec(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))}, indent=1))
-    os.replace(tmp, path)
-    os.replace(side_tmp, side)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    side = {**meta, **export_spec(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))}
+    write_atomic(sidecar_path(path), json.dumps(side, indent=1).encode())
     return path
 
 
@@ -83,23 +80,32 @@ def consolidated_state_dict(folder: Path, source: str) -> dict[str, torch.Tensor
     return {k: v.contiguous() for k, v in lazy.items()}
 
 
-def _fetch_checkpoint(uri: str, tag: str | None, workdir: Path, *, dtype: torch.dtype, weights: str) -> tuple[Path, str]:
-    """Download from `uri` (an s3:// checkpoints folder) only the files the export reads."""
+def _source_names(folder: Path, meta: dict[str, Any], source: str) -> list[str]:
+    """The manifest's files that `source` reads."""
     from fnmatch import fnmatch
 
-    from pretrain import remote
+    if "files" not in meta:
+        return []
+    return sorted(k for k in meta["files"] if "/" not in k and any(fnmatch(k, pat) for pat in _source_files(source)))
 
-    tag = tag or remote.read_text(remote.join(uri, "latest"))
+
+def _fetch_checkpoint(uri: str, tag: str | None, workdir: Path, *, dtype: torch.dtype, weights: str) -> tuple[Path, str]:
+    """Download from `uri` (an s3:// checkpoints folder) only the files the export reads,
+    each checked against the checkpoint's manifest."""
+    from pretrain.checkpoint import META, checked_tag, download_checkpoint
+
+    latest = storage.join_url(uri, "latest")
+    tag = tag or storage.read_text(latest)
     if tag is None:
         raise FileNotFoundError(f"{uri} has no 'latest' object: is it a train.remote_uri/checkpoints folder?")
-    tag = tag.strip()
-    meta_path = remote.download_file(remote.join(uri, tag, "meta.json"), workdir / tag / "meta.json")
-    engine = json.loads(meta_path.read_text())["config"]["engine"]
-    patterns = _source_files(weights_source(zero_stage=engine["zero_stage"], precision=engine["precision"], dtype=dtype,
-                                            weights=weights))
-    keys = [k for k in remote.list_keys(remote.join(uri, tag)) if "/" not in k and any(fnmatch(k, pat) for pat in patterns)]
-    for key in keys:
-        remote.download_file(remote.join(uri, tag, key), workdir / tag / key)
+    tag = checked_tag(tag, latest)
+    meta_text = storage.read_text(storage.join_url(uri, tag, META))
+    if meta_text is None:
+        raise FileNotFoundError(f"{storage.join_url(uri, tag, META)} does not exist: not a complete checkpoint")
+    meta = json.loads(meta_text)
+    engine = meta["config"]["engine"]
+    source = weights_source(zero_stage=engine["zero_stage"], precision=engine["precision"], dtype=dtype, weights=weights)
+    download_checkpoint(storage.join_url(uri, tag), workdir / tag, _source_names(workdir / tag, meta, source))
     return workdir, tag
 
 
@@ -112,19 +118,20 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str |
     """
     import tempfile
 
-    from pretrain import remote
+    from pretrain.checkpoint import checked_tag, verify_files
 
     if weights not in ("model", "ema"):
         raise ValueError(f"weights must be 'model' or 'ema', not {weights!r}")
     with tempfile.TemporaryDirectory(prefix="export-") as work:
-        if remote.is_remote(checkpoint_dir):
+        if storage.is_s3(checkpoint_dir):
             checkpoint_dir, tag = _fetch_checkpoint(str(checkpoint_dir), tag, Path(work) / "in", dtype=dtype, weights=weights)
         checkpoint_dir = Path(checkpoint_dir)
         if tag is None:
             latest = checkpoint_dir / "latest"
             if not latest.is_file():
                 raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file: is it a train.output_dir/checkpoints folder?")
-            tag = latest.read_text().strip()
+            tag = latest.read_text()
+        tag = checked_tag(tag, str(checkpoint_dir / "latest"))
         meta_path = checkpoint_dir / tag / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} missing: {checkpoint_dir / tag} is not a complete checkpoint")
@@ -132,6 +139,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str |
         config = train_meta["config"]
         source = weights_source(zero_stage=config["engine"]["zero_stage"], precision=config["engine"]["precision"],
                                 dtype=dtype, weights=weights)
+        if "files" in train_meta:  # checked before zero_to_fp32 unpickles them
+            verify_files(checkpoint_dir / tag, train_meta, _source_names(checkpoint_dir / tag, train_meta, source))
         state = backbone_state_dict(consolidated_state_dict(checkpoint_dir / tag, source))
         meta = {
             "model": config["model"]["name"],
@@ -144,7 +153,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str |
             "step": train_meta["step"],
             "weights": weights,
         }
-        if not remote.is_remote(out):
+        if not storage.is_s3(out):
             return save_exported(state, out, meta, dtype)
         upload_exported(save_exported(state, Path(work) / "out" / Path(str(out)).name, meta, dtype), str(out))
         return str(out)
@@ -152,11 +161,9 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, tag: str |
 
 def upload_exported(local: Path, uri: str) -> None:
     """An exported file to `uri` (s3://bucket/name.safetensors) and its sidecar beside it (name.json)."""
-    from pretrain import remote
-
-    remote.upload_file(local, uri)
-    bucket, key = remote.split_uri(uri)
-    remote.upload_file(sidecar_path(local), f"s3://{bucket}/{PurePosixPath(key).with_suffix('.json')}")
+    storage.upload_file(local, uri)
+    bucket, key = storage.split_s3(uri)
+    storage.upload_file(sidecar_path(local), f"s3://{bucket}/{PurePosixPath(key).with_suffix('.json')}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

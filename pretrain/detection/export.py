@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.storage import atomic_path, write_atomic
 from pretrain.detection.config import DetectConfig
 from pretrain.detection.head import DETRHead
 from pretrain.detection.model import Detector
@@ -15,17 +15,13 @@ from pretrain.engine import full_state_dict
 
 
 def save_detector(detector: Detector, path: str | Path, *, is_main: bool, meta: dict[str, Any]) -> Path:
-    """Every rank calls this (ZeRO-3 gathers the weights collectively); rank 0 writes, temp names then rename."""
+    """Every rank calls this (ZeRO-3 gathers the weights collectively); rank 0 writes, atomically."""
     state = full_state_dict(detector, is_main=is_main)
     path = Path(path)
     if is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-        side, side_tmp = path.with_suffix(".json"), path.with_name(f".{path.stem}.json.tmp{os.getpid()}")
-        side_tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
-        os.replace(side_tmp, side)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+        write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return path
 
 

@@ -150,3 +150,167 @@ def test_http_shard_set_takes_counts_from_info_json(http_root):
     shards = open_shard_set(f"http://127.0.0.1:{port}/train-000001.tar::http://127.0.0.1:{port}/renamed.tar")
     assert shards.lengths == [3, 5]
     assert read_info(f"http://127.0.0.1:{port}")["splits"]["train"]["num_samples"] == 8
+
+
+# ---------------------------------------------------------------- S3 objects and folders (checkpoints, exports)
+
+PART = 5 << 20  # S3's smallest part
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture
+def s3(s3_server, aws_env):
+    """The storage layer pointed at moto; clients dropped afterwards (tests hook events on them)."""
+    from data_pipeline import storage
+
+    aws_env(s3_server)
+    yield s3_server
+    storage.reset_s3_clients()
+
+
+def part_calls(operation: str) -> list[tuple[int, str]]:
+    """(part number, thread name) of each `operation` request the shared client sends."""
+    import threading
+
+    from data_pipeline import storage
+
+    calls = []
+    storage.s3_client().meta.events.register(
+        f"before-send.s3.{operation}", lambda request, **kw: calls.append((int(request.url.split("partNumber=")[1].split("&")[0]),
+                                                                            threading.current_thread().name)))
+    return calls
+
+
+def test_a_multipart_upload_sends_parts_in_parallel_and_a_cut_one_continues_with_the_missing_parts(s3, tmp_path):
+    from data_pipeline import storage
+
+    bucket = s3.create_bucket("parts")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(4 * PART + 12345))  # 5 parts
+    uri = f"s3://{bucket}/ckpt/big.bin"
+    sent = part_calls("UploadPart")
+
+    def crash_on_part_3(request, **kwargs):
+        if "partNumber=3&" in request.url or request.url.endswith("partNumber=3"):
+            raise Crash  # the connection dies as part 3 goes out
+
+    storage.s3_client().meta.events.register("before-send.s3.UploadPart", crash_on_part_3)
+    with pytest.raises(Crash):
+        storage.upload_file(big, uri, part_size=PART, workers=2)
+    assert not storage.exists(uri)  # nothing half-written is visible
+    stored_before = {n for n, _ in sent} - {3}
+    assert len({thread for _, thread in sent}) == 2  # two parts in flight at once
+
+    storage.reset_s3_clients()
+    resent = part_calls("UploadPart")
+    storage.upload_file(big, uri, part_size=PART)
+    assert sorted(n for n, _ in resent) == sorted({1, 2, 3, 4, 5} - stored_before)  # stored parts are not sent again
+    storage.download_file(uri, tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+    client = s3.client()
+    assert client.head_object(Bucket=bucket, Key="ckpt/big.bin")["ETag"] == storage.local_etag(big, PART)
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_folder_upload_sends_only_what_is_missing_and_downloads_whole(s3, tmp_path):
+    from data_pipeline import storage
+
+    bucket = s3.create_bucket("folders")
+    src = tmp_path / "step00000005"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.pt").write_bytes(os.urandom(1000))
+    (src / "sub" / "b.json").write_text('{"x": 1}')
+    (src / "universal").mkdir()
+    (src / "universal" / "skip.pt").write_bytes(b"x")
+    uri = f"s3://{bucket}/run/checkpoints/step00000005"
+    skip = lambda rel: rel.startswith("universal/")  # noqa: E731
+    assert storage.upload_dir(src, uri, skip=skip) == 2
+    assert storage.upload_dir(src, uri, skip=skip) == 0  # all there already
+    (src / "a.pt").write_bytes(os.urandom(1000))  # same size, other content: sent again
+    assert storage.upload_dir(src, uri, skip=skip) == 1
+    assert storage.list_folders(f"s3://{bucket}/run/checkpoints") == ["step00000005"]
+
+    back = storage.download_dir(uri, tmp_path / "back" / "step00000005")
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file()) == ["a.pt", "sub/b.json"]
+    assert (back / "a.pt").read_bytes() == (src / "a.pt").read_bytes()
+    storage.delete_folder(uri)
+    assert storage.list_keys(uri) == {}
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        storage.download_dir(uri, tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.download_file(f"s3://{bucket}/nope", tmp_path / "nope")
+
+
+@pytest.mark.parametrize("key", ["../../evil.txt", "/etc/evil", "a/../../evil"])
+def test_a_listed_key_that_leads_out_of_the_folder_is_refused(s3, tmp_path, key):
+    from data_pipeline import storage
+
+    with pytest.raises(ValueError, match="outside"):
+        storage.safe_join(tmp_path / "dest", key)
+    bucket = s3.create_bucket("hostile")
+    s3.client().put_object(Bucket=bucket, Key="ckpt/ok.pt", Body=b"ok")
+    s3.client().put_object(Bucket=bucket, Key="ckpt/" + key.lstrip("/"), Body=b"evil")
+    listed = storage.list_keys(f"s3://{bucket}/ckpt")
+    if all(".." not in k for k in listed):
+        pytest.skip("the server normalised the key")
+    with pytest.raises(ValueError, match="outside"):
+        storage.download_dir(f"s3://{bucket}/ckpt", tmp_path / "dest" / "step1")
+    assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
+
+
+def test_uris_are_checked():
+    from data_pipeline.storage import join_url, split_s3
+
+    assert split_s3("s3://b/k/x.pt") == ("b", "k/x.pt") and split_s3("s3://b/run/") == ("b", "run")
+    assert join_url("s3://b/run/", "checkpoints", "latest") == "s3://b/run/checkpoints/latest"
+    with pytest.raises(ValueError, match="s3://bucket/key"):
+        split_s3("/local/path")
+    with pytest.raises(ValueError, match="names no bucket"):
+        split_s3("s3:///key")
+
+
+def test_one_client_per_process_while_a_checkpoint_and_an_export_upload_run_at_once(s3, tmp_path, monkeypatch):
+    import threading
+
+    import botocore.session
+
+    from data_pipeline import storage
+    from pretrain.checkpoint import upload_checkpoint
+    from pretrain.export import upload_exported
+
+    bucket = s3.create_bucket("threads")
+    made = []
+    create = botocore.session.Session.create_client
+    monkeypatch.setattr(botocore.session.Session, "create_client", lambda self, *a, **kw: made.append(a) or create(self, *a, **kw))
+    ckpt = tmp_path / "checkpoints" / "step00000002"
+    ckpt.mkdir(parents=True)
+    for i in range(3):
+        (ckpt / f"part{i}.pt").write_bytes(os.urandom(PART + i))
+    export = tmp_path / "model.safetensors"
+    export.write_bytes(os.urandom(2 * PART))
+    export.with_suffix(".json").write_text("{}")
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", PART)
+    storage.reset_s3_clients()
+    start = threading.Barrier(2)
+    errors = []
+
+    def run(fn, *args, **kwargs):
+        try:
+            start.wait()
+            fn(*args, **kwargs)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(upload_checkpoint, ckpt, f"s3://{bucket}/run/checkpoints"), kwargs={"keep_last": 2}),
+               threading.Thread(target=run, args=(upload_exported, export, f"s3://{bucket}/run/export/model.safetensors"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert made == [("s3",)]  # one client, shared by both threads and their part uploads
+    assert set(storage.list_keys(f"s3://{bucket}/run")) == {
+        "checkpoints/latest", *(f"checkpoints/step00000002/part{i}.pt" for i in range(3)), "export/model.safetensors", "export/model.json"}

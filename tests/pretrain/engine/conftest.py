@@ -82,12 +82,21 @@ class Runs:
         (ckpts / tag / "meta.json").write_text(json.dumps({**meta, "run_id": None}))
         (ckpts / "latest").write_text(tag)
 
-    def s3_client(self):
+    def read_remote(self, key: str):
+        """A function returning the text of `s3://<bucket>/<key>` (None while it does not exist)."""
         import boto3
 
         env = self.env
-        return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+        def read() -> str | None:
+            try:
+                return client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode()
+            except client.exceptions.NoSuchKey:
+                return None
+
+        return read
 
 
 def torchrun(nproc: int) -> list[str]:
@@ -147,8 +156,6 @@ def zero_runs(runs) -> str:
 @pytest.fixture(scope="session")
 def killed_run(runs) -> dict:
     """The CLI on 2 ranks, one rank SIGKILLed once its step-5 checkpoint is on S3."""
-    from pretrain import remote
-
     uri = f"s3://{runs.bucket}/killed"
     args = ["-m", "pretrain", "train", "--config", runs.recipe, f"train.output_dir={runs.out('killed')}",
             "tracking.run_name=killed", f"train.remote_uri={uri}", "train.steps=1000"]
@@ -156,11 +163,10 @@ def killed_run(runs) -> dict:
     with open(log, "w") as out:  # a file, not a pipe: nobody reads while it runs
         proc = subprocess.Popen([sys.executable, *torchrun(2), *args], cwd=REPO, env=runs.env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    client = runs.s3_client()
-    latest = remote.join(uri, "checkpoints", "latest")
+    latest = runs.read_remote("killed/checkpoints/latest")
     deadline = time.monotonic() + 600
     try:
-        while remote.read_text(latest, client=client) != f"step{CKPT:08d}":
+        while latest() != f"step{CKPT:08d}":
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the run ended or stalled before its step-{CKPT} checkpoint reached S3:\n{log.read_text()[-5000:]}")
             time.sleep(0.05)
@@ -173,7 +179,7 @@ def killed_run(runs) -> dict:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return {"returncode": proc.returncode, "output": log.read_text(), "remote_latest": remote.read_text(latest, client=client)}
+    return {"returncode": proc.returncode, "output": log.read_text(), "remote_latest": latest()}
 
 
 @pytest.fixture(scope="session")

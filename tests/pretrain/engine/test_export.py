@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from pretrain import remote
+from data_pipeline import storage
 from pretrain.export import consolidated_state_dict, export_checkpoint, load_exported, weights_source
 from tests.pretrain.engine.conftest import STEPS
 
@@ -72,20 +72,20 @@ def test_ema_export_differs_from_the_model_and_loads(runs, zero_runs):
 
 def test_export_from_s3_to_s3(runs, single_run, s3_server, monkeypatch, tmp_path):
     for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, value)  # storage's client is made for these settings
     uri = f"s3://{runs.bucket}/single"
-    stored = remote.list_keys(f"{uri}/checkpoints")
-    assert remote.read_text(f"{uri}/checkpoints/latest") == TAG
+    stored = storage.list_keys(f"{uri}/checkpoints")
+    assert storage.read_text(f"{uri}/checkpoints/latest") == TAG
     local = runs.out("single") / "checkpoints" / TAG
     for path in local.iterdir():  # the trainer mirrored the finished checkpoint file by file
-        assert stored[f"{TAG}/{path.name}"] == (path.stat().st_size, remote.local_etag(path))
+        assert stored[f"{TAG}/{path.name}"] == (path.stat().st_size, storage.local_etag(path))
     assert {k.split("/")[0] for k in stored} == {"latest", "step00000005", TAG}
-    assert {"export/model.safetensors", "export/model.json"} <= set(remote.list_keys(uri))
+    assert {"export/model.safetensors", "export/model.json"} <= set(storage.list_keys(uri))
 
     out = export_checkpoint(f"{uri}/checkpoints", f"s3://{runs.bucket}/exports/single.safetensors", dtype=torch.bfloat16)
     assert out == f"s3://{runs.bucket}/exports/single.safetensors"
-    remote.download_file(out, tmp_path / "single.safetensors")
-    remote.download_file(f"s3://{runs.bucket}/exports/single.json", tmp_path / "single.json")
+    storage.download_file(out, tmp_path / "single.safetensors")
+    storage.download_file(f"s3://{runs.bucket}/exports/single.json", tmp_path / "single.json")
     model, meta = load_exported(tmp_path / "single.safetensors")
     assert meta["step"] == STEPS and meta["run_id"] == runs.run_id("single")
     for key, value in exported(runs, "single").items():

@@ -1,0 +1,65 @@
+"""Fault injection on loopback and CPU: what breaks, what is lost, how it recovers.
+
+Each scenario injects one fault into real parts (a DeepSpeed engine on a gloo process
+group, moto's S3 server, real files and processes) and asserts on what a user would see.
+`bench/faults.py` runs them all and prints the table of scenarios; each test's docstring
+is its row: `fault | lost | recovery`.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from pretrain.config import EngineConfig, OptimConfig
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A single-rank gloo process group in this process, torn down with the variables it set."""
+    from pretrain.distributed import init_distributed, shutdown
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield init_distributed()
+    shutdown()
+    import deepspeed.utils.groups
+
+    deepspeed.utils.groups._WORLD_GROUP = None  # DeepSpeed caches a clone of the destroyed group
+    torch.set_num_threads(threads)
+
+
+class TinyObjective(torch.nn.Module):
+    """A backbone with a BatchNorm (buffers) and a loss: the smallest thing DeepSpeed trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+
+    def forward(self, x, y):
+        return torch.nn.functional.cross_entropy(self.backbone(x), y), {}
+
+
+@pytest.fixture
+def tiny_engine(one_process_group):
+    """`step()` trains one step of a real DeepSpeed ZeRO-1 engine; `.engine` is the engine."""
+    from pretrain.engine import build_engine
+
+    torch.manual_seed(0)
+    engine = build_engine(TinyObjective(), optim=OptimConfig(lr=1e-2), engine=EngineConfig(zero_stage=1),
+                          micro_batch=4, total_steps=100, grad_accum_steps=1)
+
+    def step():
+        loss, _ = engine(torch.randn(4, 8), torch.randint(0, 4, (4,)))
+        engine.backward(loss)
+        engine.step()
+
+    engine.train_one = step
+    return engine
