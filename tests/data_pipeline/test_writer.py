@@ -13,7 +13,7 @@ from PIL import Image
 from data_pipeline import sources
 from data_pipeline.sample import Sample
 from data_pipeline.shards import iter_tar_samples
-from data_pipeline.writer import item_order, parse_size, read_info, write_source, write_split
+from data_pipeline.writer import item_order, member_header, parse_size, read_info, write_source, write_split
 
 
 def png_samples(n):
@@ -184,3 +184,12 @@ def test_write_to_s3_resume_then_stream_back(tmp_path, photos, s3_server, monkey
     order = item_order(len(source), limit=None, shuffle_seed=0)
     assert [b["jpg"] for b in back] == [source.load(i).image for i in order(np.arange(15, 20))]
     storage._s3_client_for.cache_clear()
+
+
+def test_member_headers_are_the_ones_tarfile_writes():
+    for name, size in (("a.jpg", 1000), ("k" * 96 + ".cls", 1), ("ünï_x.png", 0), ("b.labels.json", 10**9)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o444, 0
+        assert member_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="ustar limit"):
+        member_header("k" * 101 + ".jpg", 1)
