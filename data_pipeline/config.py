@@ -30,7 +30,7 @@ class DataConfig(StrictConfig):
     batch_size: int = Field(64, gt=0, description="micro-batch per rank")
     num_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(1000, gt=0, description="samples shuffled together in a worker (one block, held raw)")
-    interleave_shards: int = Field(64, gt=0, description="shards each worker reads side by side; a block draws from all")
+    interleave_shards: int = Field(256, gt=0, description="shards each worker reads side by side; a block draws from all")
     seed: int = 0
     image_size: int = Field(224, gt=0)
     label_mode: Literal["single", "multi", "none"] = Field("single", description="none: unlabelled (self-supervised)")

@@ -62,6 +62,21 @@ class Generation:
         return asdict(self)
 
 
+GOLDEN = (5**0.5 - 1) / 2
+
+
+def shard_order(seed: int, epoch: int, shards: int) -> np.ndarray:
+    """The epoch's shard permutation: shard `order[k]` is the k-th of the global order.
+
+    Shards sorted by frac(u + i * golden ratio), u drawn from (seed, epoch): any run of w
+    consecutive shards of the order holds shard indices spread evenly over the whole set
+    (gaps of about shards / w, by the three-gap theorem). Neighbouring shards of a written
+    set tend to be alike (one class each when written from a class-sorted source with
+    --no-shuffle), so a slot's piece and a block's lanes sample the set evenly, not at random."""
+    u = np.random.default_rng([seed, epoch]).random()
+    return np.argsort((u + np.arange(shards) * GOLDEN) % 1.0, kind="stable")
+
+
 def length(segments: Segments) -> int:
     return int((segments[:, 1] - segments[:, 0]).sum()) if len(segments) else 0
 

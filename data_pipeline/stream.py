@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.decode import BadSample, keep_freed_buffers, seed_sample
-from data_pipeline.plan import EpochPlan, Generation, slot_order
+from data_pipeline.plan import EpochPlan, Generation, shard_order, slot_order
 from data_pipeline.shards import ShardCursor, UnreadableSample, count_samples
 from data_pipeline.storage import open_url
 
@@ -123,7 +123,7 @@ class ShardStream(IterableDataset):
         self.generations = [Generation(world_size, max(num_workers, 1), batch_size)]
 
     def shard_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.urls))
+        return shard_order(self.seed, epoch, len(self.shards.urls))
 
     def plan(self) -> EpochPlan:
         """The current epoch's order (see `plan.py`)."""
