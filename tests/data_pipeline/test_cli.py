@@ -67,3 +67,28 @@ def test_cli_runs_as_a_module_and_names_bad_input(tmp_path, capsys):
     assert result.returncode == 2 and f"image folder {tmp_path / 'missing'} does not exist" in result.stderr
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/_info.json is missing"):
         main(["verify", str(tmp_path)])  # in-process the error is raised; the command line prints it in one line
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_pipeline", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_names_a_truncated_shard_and_an_unknown_split_in_one_line(shards):
+    data = (shards / "train-000001.tar").read_bytes()
+    (shards / "train-000001.tar").write_bytes(data[: len(data) // 2])
+    cut = run_module("inspect", str(shards), "--sheet", str(shards / "s.png"))
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr
+    assert f"shard {shards}/train-000001.tar is unreadable after" in cut.stderr and "data_pipeline verify" in cut.stderr
+    unknown = run_module("inspect", str(shards), "--split", "validation")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "has no split 'validation' (it has train); pass --split NAME" in unknown.stderr
+
+
+def test_write_quality_skips_and_counts_a_corrupt_jpeg(tmp_path, photos, caplog):
+    for i in range(6):
+        (tmp_path / "src" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "a" / f"{i}.jpg").write_bytes(photos[i] if i != 3 else photos[i][:400])  # a JPEG cut short
+    assert main(["write", "--source", "imagefolder", "--input", str(tmp_path / "src"), "--output", str(tmp_path / "out"),
+                 "--quality", "50"]) == 0
+    assert read_info(tmp_path / "out")["splits"]["train"]["num_samples"] == 5
+    assert "cannot re-encode it" in caplog.text and "skipped 1 unreadable source items" in caplog.text
