@@ -238,3 +238,32 @@ def test_in_process_stream_leaves_the_trainers_random_state_alone(photo_shards):
     next(batches)
     next(batches)
     assert (torch.rand(1), random.random(), np.random.rand()) == expected
+
+
+def test_a_worker_holds_at_most_lanes_open_shards_and_one_block(tmp_path):
+    """The bound plan.py states: `lanes` open shards and `buffer + lanes` raw samples per worker."""
+    from data_pipeline.plan import slot_order
+    from data_pipeline.storage import open_url
+
+    write_split((Sample(f"s_{i:04d}", b"x", "png", 0) for i in range(280)), tmp_path, prefix="t", samples_per_shard=7)
+    opened, most = set(), [0]
+
+    def counting_open(url):
+        f = open_url(url)
+        close = f.close
+        opened.add(id(f))
+        most[0] = max(most[0], len(opened))
+
+        def closing():
+            opened.discard(id(f))
+            close()
+        f.close = closing
+        return f
+
+    stream = ShardStream(open_shard_set(str(tmp_path / "t-{000000..000039}.tar")), key_id, batch_size=4, rank=0, world_size=1,
+                         num_workers=0, seed=0, shuffle_buffer=10, max_bad_fraction=0, lanes=4, opener=counting_open)
+    ids = sum(take(StreamLoader(stream, num_workers=0), stream.batches_per_epoch()), [])
+    assert sorted(ids) == list(range(280)) and most[0] == 4 and not opened
+    piece, blocks = stream.plan().current(0)
+    sizes = [len(p) for p, *_ in slot_order(piece, blocks, skip=0, key=(0, 0, 0, 0))]
+    assert sum(sizes) == 280 and max(sizes) <= 10 + 4
