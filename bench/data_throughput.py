@@ -19,9 +19,13 @@ Rows:
   timm_wds      timm.data.create_dataset('wds/...') + create_loader (the same augmentation,
                 colour jitter off), use_prefetcher False and True (normalising in the main
                 process on the CPU); the faster is the baseline
-  ours          data_pipeline.loader.build_loader (shuffle buffer 256, fast JPEG path on)
+  ours          data_pipeline.loader.build_loader (shuffle buffer 256, fast JPEG path on), with
+                the cross-shard order on: each block draws from every shard at once
+                (data.interleave_shards, default 256; the shards here are 16 of 64 images)
+  ours_one_lane the same with data.interleave_shards=1: the order before it (one shard at a time)
 
 Last line: RESULT ours_vs_timm=<ours / best timm> ours_vs_decode_limit=<ours / limit>
+ours_vs_one_lane=<ours / ours_one_lane>
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ from data_pipeline.writer import write_split  # noqa: E402
 
 SIZE = 224
 BATCH = 64
+PER_SHARD = 64  # 16 shards, so that the cross-shard order has lanes to read side by side
 
 
 def photo_patches(n: int, seed: int = 0) -> list[bytes]:
@@ -93,9 +98,10 @@ def timm_epoch(root: str, prefetcher: bool) -> int:
     return seen
 
 
-def ours_epoch(pattern: str, epoch: int) -> int:
+def ours_epoch(pattern: str, epoch: int, **order) -> int:
+    """One epoch of our loader; `order`: data.interleave_shards to override the default."""
     cfg = DataConfig(train_urls=pattern, batch_size=BATCH, num_workers=0, shuffle_buffer=256, image_size=SIZE,
-                     num_classes=2, augment="inception", normalize="imagenet", seed=epoch + 1)
+                     num_classes=2, augment="inception", normalize="imagenet", seed=epoch + 1, **order)
     loader = build_loader(cfg, rank=0, world_size=1, urls=pattern, train=True)
     seen = 0
     for images, _ in itertools.islice(iter(loader), loader.stream.batches_per_epoch()):
@@ -115,13 +121,14 @@ def main() -> None:
     print(f"{len(jpegs)} JPEG patches, mean {np.mean([len(j) for j in jpegs]) / 1e3:.1f} kB, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as root:
         write_split((Sample(f"img_{i:06d}", data, "jpg", i % 2) for i, data in enumerate(jpegs)), root,
-                    prefix="train", samples_per_shard=256)
-        pattern = f"{root}/train-{{000000..{(len(jpegs) - 1) // 256:06d}}}.tar"
+                    prefix="train", samples_per_shard=PER_SHARD)
+        pattern = f"{root}/train-{{000000..{(len(jpegs) - 1) // PER_SHARD:06d}}}.tar"
         runs = {
             "decode_limit": lambda r: decode_limit(jpegs),
             "timm_wds": lambda r: timm_epoch(root, prefetcher=False),
             "timm_wds_prefetcher": lambda r: timm_epoch(root, prefetcher=True),
             "ours": lambda r: ours_epoch(pattern, r),
+            "ours_one_lane": lambda r: ours_epoch(pattern, r, interleave_shards=1),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}
         wall: dict[str, list[float]] = {name: [] for name in runs}
@@ -139,7 +146,8 @@ def main() -> None:
         print(f"{name:<22}{median[name]:>25.1f}{min(values):>9.1f}{max(values):>9.1f}{statistics.median(wall[name]):>16.1f}")
     timm_best = max(median["timm_wds"], median["timm_wds_prefetcher"])
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    print(f"RESULT ours_vs_timm={median['ours'] / timm_best:.2f} ours_vs_decode_limit={median['ours'] / median['decode_limit']:.2f}")
+    print(f"RESULT ours_vs_timm={median['ours'] / timm_best:.2f} ours_vs_decode_limit={median['ours'] / median['decode_limit']:.2f} "
+          f"ours_vs_one_lane={median['ours'] / median['ours_one_lane']:.2f}")
 
 
 if __name__ == "__main__":
