@@ -240,7 +240,8 @@ S3_CREDENTIALS_HINT = (
 
 def s3_error(err: Exception, url: str) -> Exception:
     """botocore's exception -> one that names the URL and says what to do."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
@@ -255,6 +256,8 @@ def s3_error(err: Exception, url: str) -> Exception:
     if isinstance(err, EndpointConnectionError):
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS default endpoint")
         return ConnectionError(f"cannot reach S3 at {endpoint} for {url}: {err}; check AWS_ENDPOINT_URL and the network")
+    if isinstance(err, (BotoConnectionError, HTTPClientError)):  # reset, closed or timed out mid-request
+        return ConnectionError(f"the connection to S3 broke during {url}: {err}")
     return err
 
 
@@ -470,7 +473,7 @@ def _open_upload(client, bucket: str, key: str) -> tuple[str, dict[int, tuple[st
     return upload_id, parts
 
 
-def upload_file(path: str | Path, url: str, *, part_size: int | None = None, workers: int = UPLOAD_WORKERS) -> None:
+def upload_file(path: str | Path, url: str, *, part_size: int | None = None, workers: int | None = None) -> None:
     """Upload the file `path` to `url`; files above `part_size` as a multipart upload sending
     `workers` parts at once. A multipart upload left unfinished by an earlier try (the process
     killed, the server gone) is continued: parts already stored with the same size and MD5
@@ -494,7 +497,7 @@ def upload_file(path: str | Path, url: str, *, part_size: int | None = None, wor
                 etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk)["ETag"]
             return {"PartNumber": number, "ETag": etag}
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="s3-part") as pool:
+        with ThreadPoolExecutor(workers or UPLOAD_WORKERS, thread_name_prefix="s3-part") as pool:
             parts = list(pool.map(lambda r: send(*r), _part_ranges(size, part_size)))
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
     except Exception as err:

@@ -331,8 +331,10 @@ def upload_checkpoint(folder: Path, remote_uri: str, *, keep_last: int) -> None:
                                skip=lambda rel: rel.split("/")[0] in (UNIVERSAL, f".tmp-{UNIVERSAL}"))
             storage.write_text(storage.join_url(remote_uri, LATEST), tag)
             break
-        except (ConnectionError, OSError) as err:
-            if attempt == UPLOAD_TRIES - 1 or isinstance(err, (FileNotFoundError, PermissionError)):
+        except (FileNotFoundError, PermissionError):
+            raise  # a deleted bucket, refused credentials: another try would fail the same way
+        except Exception as err:
+            if attempt == UPLOAD_TRIES - 1:
                 raise
             log.warning("uploading %s to %s failed (%s); trying again in %d s", tag, remote_uri, err, 2**attempt)
             time.sleep(2**attempt)

@@ -8,11 +8,13 @@ is its row: `fault | lost | recovery`.
 from __future__ import annotations
 
 import socket
+import struct
 
 import pytest
 import torch
 
 from pretrain.config import EngineConfig, OptimConfig
+from tests.fixtures.s3_server import DroppingProxy
 
 
 @pytest.fixture
@@ -63,3 +65,64 @@ def tiny_engine(one_process_group):
 
     engine.train_one = step
     return engine
+
+
+class KillableProxy(DroppingProxy):
+    """The S3 server as clients see it when it is killed and restarted: `kill()` resets every
+    open connection and refuses new ones (reset at once), `restart()` serves again; the store
+    behind it (moto) keeps what it held, as a restarted SeaweedFS or MinIO does from its disk."""
+
+    down = False
+
+    def kill(self) -> None:
+        self.down = True
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            except OSError:
+                pass
+
+    def restart(self) -> None:
+        self.down = False
+
+    def _serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        if self.down:
+            for sock in (client, upstream):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            return
+        super()._serve(client, upstream)
+
+
+@pytest.fixture
+def killable_s3(s3_server, monkeypatch):
+    """storage's S3 client pointed at moto through a KillableProxy (no botocore retries: the
+    code under test recovers by itself)."""
+    from data_pipeline import storage
+
+    host, port = s3_server.endpoint_url.removeprefix("http://").rsplit(":", 1)
+    with KillableProxy(host, int(port), s3_server) as proxy:
+        for name, value in proxy.s3.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        storage.reset_s3_clients()
+        yield proxy
+    storage.reset_s3_clients()
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> str:
+    """512 real Fashion-MNIST images in 4 shards (Debian's dataset-fashion-mnist)."""
+    from data_pipeline import sources
+    from data_pipeline.writer import write_split
+    from tests.pretrain.conftest import FMNIST_ROOT
+
+    if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"Fashion-MNIST is missing in {FMNIST_ROOT}: run `make system-deps` (Debian's dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("shards")
+    write_split(sources.fashion_mnist(FMNIST_ROOT, "train", limit=512), out, prefix="train", split="train",
+                samples_per_shard=128, class_names=sources.FASHION_MNIST_CLASSES)
+    return f"{out}/train-{{000000..000003}}.tar"
