@@ -14,6 +14,7 @@ from data_pipeline.errors import run_cli
 COMMANDS = {
     "train": ("pretrain.train", "pretrain a model from a YAML recipe (DeepSpeed ZeRO)"),
     "export": ("pretrain.export", "export a training checkpoint to one safetensors file"),
+    "twin": ("pretrain.twin", "the random-init twin of an exported model (a baseline)"),
     "fewshot": ("pretrain.fewshot_cli", "few-shot linear evaluation of an exported model"),
     "transfer": ("pretrain.transfer", "fine-tune an exported model on a labelled data set"),
     "report": ("pretrain.report", "table of transfer and few-shot results from MLflow"),
