@@ -193,3 +193,14 @@ def test_member_headers_are_the_ones_tarfile_writes():
         assert member_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
     with pytest.raises(ValueError, match="ustar limit"):
         member_header("k" * 101 + ".jpg", 1)
+
+
+def test_item_order_is_a_seeded_bijection_and_limit_a_random_subset():
+    for n in (1, 2, 7, 1000, 4097):
+        assert sorted(item_order(n, limit=None, shuffle_seed=3)(np.arange(n))) == list(range(n))
+    a, b = (item_order(1000, limit=None, shuffle_seed=s)(np.arange(1000)) for s in (0, 1))
+    assert not np.array_equal(a, b) and np.array_equal(a, item_order(1000, limit=None, shuffle_seed=0)(np.arange(1000)))
+    assert abs(np.corrcoef(np.arange(1000), a)[0, 1]) < 0.1  # no trace of the source's order
+    subset = item_order(1000, limit=100, shuffle_seed=None)(np.arange(100))
+    assert list(subset) == sorted(set(subset.tolist())) and subset.max() > 900  # source order, drawn from all of it
+    assert np.array_equal(item_order(1000, limit=None, shuffle_seed=None)(np.arange(5)), np.arange(5))
