@@ -18,6 +18,7 @@ from data_pipeline.config import DataConfig, StrictConfig as _Strict
 class ModelConfig(_Strict):
     name: str
     grad_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the backbone inside the DeepSpeed engine")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor args")
 
 
@@ -44,6 +45,20 @@ class EngineConfig(_Strict):
                                      "global_batch / (data.batch_size x ranks), which must divide evenly")
     grad_clip: float = Field(1.0, ge=0)
     deepspeed_json: str | None = None
+    # GPU settings (pretrain.engine.deepspeed_config); None leaves DeepSpeed's own default.
+    zero_init: bool = Field(True, description="ZeRO-3: build the model under deepspeed.zero.Init, each parameter "
+                            "partitioned as its module is built, so no rank holds the whole fp32 model")
+    grad_accum_dtype: Literal["fp32", "bf16"] | None = Field(None, description="data_types.grad_accum_dtype: fp32 "
+                                                              "accumulates bf16 gradients in fp32 (ZeRO-1's BF16 optimizer)")
+    communication_dtype: Literal["fp32", "bf16"] | None = Field(None, description="communication_data_type: "
+                                                                 "the gradient reduction's dtype")
+    overlap_comm: bool | None = Field(None, description="overlap gradient reduction with the backward pass")
+    contiguous_gradients: bool | None = Field(None, description="copy gradients into one buffer as they are produced")
+    bucket_size: int | None = Field(None, gt=0, description="elements per reduce/all-gather bucket")
+    prefetch_bucket_size: int | None = Field(None, gt=0, description="ZeRO-3: elements of parameters prefetched ahead")
+    param_persistence_threshold: int | None = Field(None, ge=0, description="ZeRO-3: parameters under this many "
+                                                    "elements stay whole on every rank (no gather per use)")
+    max_live_parameters: int | None = Field(None, gt=0, description="ZeRO-3: gathered elements kept at most")
 
 
 class EmaConfig(_Strict):

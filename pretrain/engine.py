@@ -39,6 +39,19 @@ def resolve_grad_accum(engine: EngineConfig, *, micro_batch: int, world_size: in
     return engine.global_batch // per_step
 
 
+# EngineConfig field -> the DeepSpeed keys it sets, only when the recipe sets it (None: DeepSpeed's default).
+GPU_SETTINGS: dict[str, tuple[str, ...]] = {
+    "grad_accum_dtype": ("data_types.grad_accum_dtype",),
+    "communication_dtype": ("communication_data_type",),
+    "overlap_comm": ("zero_optimization.overlap_comm",),
+    "contiguous_gradients": ("zero_optimization.contiguous_gradients",),
+    "bucket_size": ("zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size"),
+    "prefetch_bucket_size": ("zero_optimization.stage3_prefetch_bucket_size",),
+    "param_persistence_threshold": ("zero_optimization.stage3_param_persistence_threshold",),
+    "max_live_parameters": ("zero_optimization.stage3_max_live_parameters",),
+}
+
+
 def deepspeed_config(engine: EngineConfig, *, micro_batch: int, grad_accum_steps: int | None = None,
                      load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON for `engine`; a user's `deepspeed_json` file overrides its keys.
@@ -57,6 +70,14 @@ def deepspeed_config(engine: EngineConfig, *, micro_batch: int, grad_accum_steps
         # A checkpoint from another number of ranks, converted by pretrain.checkpoint.
         "checkpoint": {"load_universal": load_universal},
     }
+    for field, keys in GPU_SETTINGS.items():
+        if (value := getattr(engine, field)) is not None:
+            for key in keys:
+                *parents, leaf = key.split(".")
+                node = config
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
     if engine.deepspeed_json:
         path = Path(engine.deepspeed_json)
         if not path.is_file():
@@ -69,6 +90,28 @@ def deepspeed_config(engine: EngineConfig, *, micro_batch: int, grad_accum_steps
             raise ValueError(f"engine.deepspeed_json: {path} must hold a JSON object of DeepSpeed settings")
         config = _deep_update(config, override)
     return config
+
+
+def build_partitioned(build: Callable[[], nn.Module], engine: EngineConfig, *, micro_batch: int) -> nn.Module:
+    """`build()`, under `deepspeed.zero.Init` at ZeRO-3 with `engine.zero_init`: each module's
+    parameters are partitioned over the ranks as soon as the module is built, so no rank ever
+    holds the whole fp32 model (in bf16 they are made in bf16). timm's ViT init still gives the
+    weights it gives without zero.Init (`pretrain.models.vit.init_vit_weights`). Every rank calls it."""
+    if engine.zero_stage != 3 or not engine.zero_init:
+        return build()
+    import deepspeed
+
+    # zero.Init reads the dtype and the ZeRO settings (persistence threshold) of the engine's config
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(engine, micro_batch=micro_batch)):
+        return build()
+
+
+def compile_blocks(module: nn.Module) -> None:
+    """torch.compile each transformer block of `module.backbone` in place (torchtitan compiles per
+    block too): every objective runs the blocks, MAE on its visible tokens only, and the names in
+    state dicts and checkpoints stay those of the eager model. Call after `deepspeed.initialize`."""
+    for block in getattr(module, BACKBONE).blocks:
+        block.compile()
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
@@ -92,6 +135,10 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
             for g in groups if g["params"]]
 
 
+# One fused kernel per step over all tensors on CUDA (None: torch's default, foreach).
+FUSED_ADAM = True if torch.cuda.is_available() else None
+
+
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, optim)
     if optim.name == "sgd":
@@ -99,7 +146,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
     # The ViT paper's "Adam, weight decay 0.1" is flax.optim.Adam, whose decay is decoupled
     # (p -= lr * wd * p): that is torch's AdamW. torch's Adam adds wd * p to the gradient.
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=optim.lr, betas=optim.betas)
+    return cls(groups, lr=optim.lr, betas=optim.betas, fused=FUSED_ADAM)
 
 
 def build_engine(model: nn.Module, *, optim: OptimConfig, engine: EngineConfig, micro_batch: int, total_steps: int,

@@ -49,3 +49,10 @@ def train_flops_per_sample(objective: nn.Module, image_size: int) -> float:
 
 def mfu(samples_per_s: float, flops_per_sample: float, *, world_size: int, peak_flops: float) -> float:
     return samples_per_s * flops_per_sample / (world_size * peak_flops)
+
+
+def fused_attention(module: nn.Module) -> bool:
+    """Whether every attention layer of `module` runs torch's fused scaled_dot_product_attention
+    (timm's `fused_attn` flag: flash / memory-efficient kernels on GPUs) rather than softmax(QK^T)V."""
+    flags = [m.fused_attn for m in module.modules() if hasattr(m, "fused_attn")]
+    return bool(flags) and all(flags)

@@ -24,11 +24,11 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.config import FewshotHookConfig, PretrainConfig, dump_config, load_config
 from pretrain.distributed import DistInfo, init_distributed, print0, shutdown
 from pretrain.ema import ShardedEMA
-from pretrain.engine import build_engine, eval_copy, input_dtype, resolve_grad_accum, train_step
+from pretrain.engine import build_engine, build_partitioned, compile_blocks, eval_copy, input_dtype, resolve_grad_accum, train_step
 from pretrain.export import export_checkpoint, upload_exported
 from pretrain.models import build_model
 from pretrain.objectives import build_objective
-from pretrain.perf import device_peak_flops, mfu, train_flops_per_sample
+from pretrain.perf import device_peak_flops, fused_attention, mfu, train_flops_per_sample
 from pretrain.tracking import Tracker, build_tracker
 
 
@@ -82,7 +82,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
         return build_objective(cfg.train.objective, build_backbone(), pixel_mean=cfg.data.mean, pixel_std=cfg.data.std,
                                **cfg.train.objective_kwargs)
 
-    objective = build_full_objective()
+    objective = build_partitioned(build_full_objective, cfg.engine, micro_batch=cfg.data.batch_size)  # zero.Init at ZeRO-3
     if cfg.train.visualize_every and not callable(getattr(objective, "visualize", None)):
         raise ValueError(f"train.visualize_every needs an objective with visualize(images); {cfg.train.objective!r} has none")
     flops_per_sample = train_flops_per_sample(objective, cfg.data.image_size)
@@ -97,6 +97,8 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
         objective, optim=cfg.optim, engine=cfg.engine, micro_batch=cfg.data.batch_size, grad_accum_steps=accum,
         total_steps=cfg.train.steps, load_universal=point is not None and point.universal,
     )
+    if cfg.model.compile:
+        compile_blocks(ds_engine.module)
     ema = None
     if cfg.train.ema is not None:
         ema = ShardedEMA(ds_engine.module, decay=cfg.train.ema.decay, warmup=cfg.train.ema.warmup,
@@ -115,7 +117,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
         tags={"stage": "pretrain", "model": cfg.model.name},
     )
     if run_id is None:
-        tracker.log_params(dump_config(cfg) | {"flops_per_sample": flops_per_sample})
+        tracker.log_params(dump_config(cfg) | {"flops_per_sample": flops_per_sample, "fused_attn": fused_attention(objective)})
     # Per start, not params: an elastic resume changes them within one run.
     tracker.log_metrics({"world_size": dist_info.world_size, "grad_accum_steps": accum, "global_batch": global_batch}, step=step)
     val_loader = build_loader(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, urls=cfg.data.val_urls, train=False) if cfg.data.val_urls else None

@@ -72,12 +72,17 @@ class MaskedAutoencoder(nn.Module):
         self._init_decoder()
 
     def _init_decoder(self) -> None:
-        """MAE's initialisation: xavier-uniform linear layers, N(0, 0.02) mask token."""
+        """MAE's initialisation: xavier-uniform linear layers, N(0, 0.02) mask token. Through
+        `Module.apply`, inside which ZeRO-3's zero.Init gathers the partitioned layers."""
         nn.init.normal_(self.mask_token, std=0.02)
-        for name, module in self.named_modules():
-            if not name.startswith("backbone") and isinstance(module, nn.Linear):
+        backbone = {id(m) for m in self.backbone.modules()}
+
+        def init(module: nn.Module) -> None:
+            if id(module) not in backbone and isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+
+        self.apply(init)
 
     @property
     def num_visible(self) -> int:
