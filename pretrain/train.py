@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data_pipeline.loader import build_loader
 from data_pipeline.stream import StreamLoader
-from pretrain import remote
+from data_pipeline import storage
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import FewshotHookConfig, PretrainConfig, dump_config, load_config
 from pretrain.distributed import DistInfo, init_distributed, print0, shutdown
@@ -91,7 +91,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
     output_dir = Path(cfg.train.output_dir)
     checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.train.keep_last, rank=dist_info.rank,
                                 world_size=dist_info.world_size,
-                                remote_uri=remote.join(cfg.train.remote_uri, "checkpoints") if cfg.train.remote_uri else None)
+                                remote_uri=storage.join_url(cfg.train.remote_uri, "checkpoints") if cfg.train.remote_uri else None)
     point = checkpointer.prepare_resume() if cfg.train.resume else None
     ds_engine = build_engine(
         objective, optim=cfg.optim, engine=cfg.engine, micro_batch=cfg.data.batch_size, grad_accum_steps=accum,
@@ -214,7 +214,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
             tracker.log_artifact(exported, "model")
             tracker.log_artifact(exported.with_suffix(".json"), "model")
             if cfg.train.remote_uri:
-                upload_exported(exported, remote.join(cfg.train.remote_uri, "export", exported.name))
+                upload_exported(exported, storage.join_url(cfg.train.remote_uri, "export", exported.name))
             print0(f"exported {exported}")
     checkpointer.close()
     tracker.close()
