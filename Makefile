@@ -36,12 +36,18 @@ system-deps:
 demo: install system-deps
 	$(PY) -m pretrain demo
 
-# The launcher tests start a real Slurm controller and node daemons on localhost.
+# The launcher tests start a real Slurm controller and node daemons on localhost; the MLflow UI
+# test drives headless Chromium through ChromeDriver.
 test-deps: system-deps
 	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    apt-get install -y -q slurm-wlm munge || (apt-get update -q && apt-get install -y -q slurm-wlm munge); \
 	  else echo "Slurm missing: install Debian's slurm-wlm and munge (needs root)"; exit 1; fi; \
+	fi
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver); \
+	  else echo "Chromium missing: install Debian's chromium and chromium-driver (needs root)"; exit 1; fi; \
 	fi
 
 test: install-test test-deps

@@ -113,6 +113,7 @@ class TrackingConfig(_Strict):
     experiment: str = "vitscale"
     run_name: str | None = None
     parent_run_id: str | None = None
+    registered_model: str | None = Field(None, description="Model Registry name of pretraining's export; default vitscale-<model.name>")
 
 
 class PretrainConfig(_Strict):
@@ -199,7 +200,8 @@ class TransferDataConfig(_Strict):
 class TransferConfig(_Strict):
     """Fine-tuning recipe of the ViT paper (App. B.1.1): zero-init head, SGD, cosine, clip 1."""
 
-    model: str = Field(description="exported .safetensors, s3://bucket/key.safetensors, runs:/<run id> or mlflow:<run id>")
+    model: str = Field(description="exported .safetensors, s3://bucket/key.safetensors, runs:/<run id>, mlflow:<run id>, "
+                                   "models:/<name>@<alias> or models:/<name>/<version>")
     data: TransferDataConfig
     optim: OptimConfig = OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, decay="cosine")
     lr_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list, description="chosen on the dev split when given")

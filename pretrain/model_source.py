@@ -6,6 +6,9 @@
                                       http(s):// URLs work the same way)
     runs:/<run id>[/<artifact path>]  the `model` artifacts that `python -m pretrain train` logs
     mlflow:<run id>                   the same
+    models:/<name>@<alias>            a version of the Model Registry (`pretrain.model_registry`):
+    models:/<name>/<version>          by alias (`best-cifar10`; `latest` is the newest version),
+                                      by number, or `models:/<name>/latest`
 
 `local_exported(source, tracking_uri=...)` yields a local .safetensors path for `load_exported`;
 downloads live in a temp folder removed on exit.
@@ -18,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-SOURCE_HELP = "exported .safetensors, s3://bucket/key.safetensors (or http(s)://), runs:/<run id> or mlflow:<run id>"
+SOURCE_HELP = ("exported .safetensors, s3://bucket/key.safetensors (or http(s)://), runs:/<run id>, mlflow:<run id>, "
+               "models:/<name>@<alias> or models:/<name>/<version>")
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
 
@@ -67,6 +71,10 @@ def parse_run_source(source: str) -> tuple[str, str] | None:
 @contextlib.contextmanager
 def local_exported(source: str, *, tracking_uri: str | None = None) -> Iterator[Path]:
     """A local path of the exported model `source` (see the module doc), valid inside the `with`."""
+    if source.startswith("models:/"):  # a registered version is a pretraining run's `model` artifacts
+        from pretrain.model_registry import resolve_version
+
+        source = resolve_version(source, tracking_uri=tracking_uri).source
     run = parse_run_source(source)
     if not source.startswith(REMOTE_SCHEMES) and run is None:
         yield Path(source)

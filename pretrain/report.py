@@ -5,13 +5,17 @@ MLflow alone: few-shot runs (`python -m pretrain fewshot`), transfer runs (`pyth
 transfer`) and the few-shot metrics a pretraining run logs every N steps. A checkpoint is a
 pretraining run and step (the runs' `pretrain_run_id` / `pretrain_step` tags), named after the
 pretraining run. Prints markdown; writes report.md, report.csv and report.png (bar chart, error
-bars: std over seeds) to --out.
+bars: std over seeds) to --out. In MLflow: each pretraining run gets its rows as a table artifact
+(`log_table`, rendered by the run's Artifacts tab) and the PNG under `report/`; each registered
+version that was evaluated gets the table in its description (and its model's), tags pointing
+at both artifacts, and the alias `best-<data set>` moves to the version leading that data set.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ import numpy as np
 
 from data_pipeline.storage import write_atomic
 
+log = logging.getLogger(__name__)
 FEWSHOT_KEY = re.compile(r"^fewshot/(?P<dataset>[^/]+)/(?P<shots>\d+)shot$")
 FINETUNE = {"top1": "fine-tune top-1", "mean_per_class": "fine-tune mean per-class"}
 
@@ -83,42 +88,53 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value not in (None, "", "None") else None
 
 
+def run_results(run, *, checkpoint: str = "", pretrain_run: str = "") -> list[Result]:
+    """The final few-shot or fine-tune numbers of one `fewshot` / `transfer` run."""
+    tags, metrics, run_id = run.data.tags, run.data.metrics, run.info.run_id
+    source, step = tags.get("pretrain_run_id", ""), _int_or_none(tags.get("pretrain_step"))
+    out = []
+    if tags.get("stage") == "fewshot":
+        for key, value in metrics.items():
+            if m := FEWSHOT_KEY.match(key):
+                out.append(Result(checkpoint, pretrain_run, source, step, m["dataset"], f"{m['shots']}-shot", value,
+                                  metrics.get(f"{key}/std", 0.0), _seeds(metrics, key), run_id))
+    elif tags.get("stage") == "transfer":
+        for key, setting in FINETUNE.items():
+            if key in metrics:
+                out.append(Result(checkpoint, pretrain_run, source, step, tags.get("dataset", "?"), setting, metrics[key],
+                                  metrics.get(f"{key}/std", 0.0), _seeds(metrics, key), run_id))
+    return out
+
+
+def _pretraining_results(client, run, labels: _Labels) -> list[Result]:
+    """Few-shot evaluated during pretraining: every logged step is a checkpoint."""
+    out, run_id = [], run.info.run_id
+    for key in run.data.metrics:
+        m = FEWSHOT_KEY.match(key)
+        if not m:
+            continue
+        stds = {h.step: h.value for h in client.get_metric_history(run_id, f"{key}/std")}
+        pre = labels.name(run_id, run_id[:8])
+        for point in client.get_metric_history(run_id, key):
+            out.append(Result(_label(pre, point.step), pre, run_id, point.step, m["dataset"], f"{m['shots']}-shot", point.value,
+                              stds.get(point.step, 0.0), _seeds(run.data.metrics, key), run_id))
+    return out
+
+
 def collect_results(client, experiment_id: str) -> list[Result]:
     """Every few-shot and fine-tune number of the experiment; a later run replaces an earlier one."""
     labels = _Labels(client)
     found: dict[tuple, Result] = {}
     for run in _all_runs(client, experiment_id):
-        tags, metrics, run_id = run.data.tags, run.data.metrics, run.info.run_id
-        stage = tags.get("stage")
-        if stage in ("fewshot", "transfer"):
-            source, step = tags.get("pretrain_run_id", ""), _int_or_none(tags.get("pretrain_step"))
-            pre = labels.name(source, tags.get("model_source", run_id[:8]))
-            name = _label(pre, step)
-            if stage == "fewshot":
-                for key, value in metrics.items():
-                    m = FEWSHOT_KEY.match(key)
-                    if m:
-                        found[(name, m["dataset"], f"{m['shots']}-shot")] = Result(
-                            name, pre, source, step, m["dataset"], f"{m['shots']}-shot", value, metrics.get(f"{key}/std", 0.0),
-                            _seeds(metrics, key), run_id)
-            else:
-                for key, setting in FINETUNE.items():
-                    if key in metrics:
-                        found[(name, tags.get("dataset", "?"), setting)] = Result(
-                            name, pre, source, step, tags.get("dataset", "?"), setting, metrics[key],
-                            metrics.get(f"{key}/std", 0.0), _seeds(metrics, key), run_id)
-        elif stage == "pretrain":  # few-shot evaluated during pretraining: every logged step is a checkpoint
-            for key in metrics:
-                m = FEWSHOT_KEY.match(key)
-                if not m:
-                    continue
-                stds = {h.step: h.value for h in client.get_metric_history(run_id, f"{key}/std")}
-                pre = labels.name(run_id, run_id[:8])
-                for point in client.get_metric_history(run_id, key):
-                    name = _label(pre, point.step)
-                    found[(name, m["dataset"], f"{m['shots']}-shot")] = Result(
-                        name, pre, run_id, point.step, m["dataset"], f"{m['shots']}-shot", point.value,
-                        stds.get(point.step, 0.0), _seeds(metrics, key), run_id)
+        tags = run.data.tags
+        if tags.get("stage") in ("fewshot", "transfer"):
+            pre = labels.name(tags.get("pretrain_run_id", ""), tags.get("model_source", run.info.run_id[:8]))
+            results = run_results(run, checkpoint=_label(pre, _int_or_none(tags.get("pretrain_step"))), pretrain_run=pre)
+        elif tags.get("stage") == "pretrain":
+            results = _pretraining_results(client, run, labels)
+        else:
+            continue
+        found.update({(r.checkpoint, r.dataset, r.setting): r for r in results})
     return sorted(found.values(), key=lambda r: (r.dataset, _setting_order(r.setting), r.pretrain_run, r.step or 0))
 
 
@@ -182,7 +198,7 @@ def build_report(*, experiment: str, tracking_uri: str, out: Path) -> tuple[str,
     """Write report.md / report.csv / report.png under `out`; return the markdown and the rows."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = ", ".join(e.name for e in client.search_experiments()) or "none"
@@ -197,7 +213,71 @@ def build_report(*, experiment: str, tracking_uri: str, out: Path) -> tuple[str,
     write_atomic(out / "report.md", text.encode())
     write_atomic(out / "report.csv", csv_text(results).encode())
     bar_chart(results, out / "report.png", f"{experiment}: accuracy (%)")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        publish(client, results, markdown_table(results), experiment=experiment, png=out / "report.png")
+    except MlflowException as err:  # e.g. a server's store read directly: its artifacts need the server
+        log.warning("report written to %s but not published to MLflow: %s", out, err.message.splitlines()[0])
     return text, results
+
+
+def table_columns(results: list[Result]) -> dict[str, list]:
+    """The rows as MLflow's table artifact (`log_table`) takes them: one column per field, accuracy in %."""
+    return {"data set": [r.dataset for r in results], "evaluation": [r.setting for r in results],
+            "checkpoint": [r.checkpoint for r in results], "accuracy (%)": [round(100 * r.mean, 2) for r in results],
+            "std (%)": [round(100 * r.std, 2) for r in results], "seeds": [r.seeds for r in results],
+            "run": [r.run_id for r in results]}
+
+
+def _log_table(client, run_id: str, results: list[Result]) -> str:
+    """`report/transfer_table-<digest>.json`: log_table appends to an existing file, so one file per distinct table."""
+    import hashlib
+
+    columns = table_columns(results)
+    path = f"report/transfer_table-{hashlib.sha256(repr(columns).encode()).hexdigest()[:10]}.json"
+    if path not in {f.path for f in client.list_artifacts(run_id, "report")}:
+        client.log_table(run_id, data=columns, artifact_file=path)
+    return path
+
+
+def best_checkpoints(results: list[Result]) -> dict[str, str]:
+    """Per data set, the checkpoint leading its headline row: fine-tune top-1, else the most shots."""
+    best = {}
+    for dataset in sorted({r.dataset for r in results}):
+        rows = [r for r in results if r.dataset == dataset]
+        settings = {r.setting for r in rows}
+        headline = FINETUNE["top1"] if FINETUNE["top1"] in settings else max(settings, key=_setting_order)
+        best[dataset] = max((r for r in rows if r.setting == headline), key=lambda r: r.mean).checkpoint
+    return best
+
+
+def publish(client, results: list[Result], table: str, *, experiment: str, png: Path) -> None:
+    """The report in MLflow: on each pretraining run its rows as a table artifact and the PNG; in the Model
+    Registry the table in the descriptions of the evaluated versions, and the `best-<data set>` aliases."""
+    from mlflow.exceptions import MlflowException
+
+    from pretrain.model_registry import publish_report, version_of
+
+    evaluated = [r for r in results if r.run_id != r.pretrain_run_id]  # exports, not in-training checkpoints
+    versions = {}
+    for r in evaluated:
+        if r.checkpoint not in versions:
+            version = version_of(client, pretrain_run_id=r.pretrain_run_id, step=str(r.step))
+            if version is not None:
+                versions[r.checkpoint] = version
+    for run_id in sorted({r.pretrain_run_id for r in results}):
+        try:
+            client.get_run(run_id)
+        except MlflowException:  # the pretraining run lives elsewhere
+            continue
+        table_path = _log_table(client, run_id, [r for r in results if r.pretrain_run_id == run_id])
+        client.log_artifact(run_id, str(png), "report")
+        for version in versions.values():
+            if version.run_id == run_id:
+                client.set_model_version_tag(version.name, version.version, "report table", f"runs:/{run_id}/{table_path}")
+                client.set_model_version_tag(version.name, version.version, "report chart", f"runs:/{run_id}/report/{png.name}")
+    publish_report(client, versions, best_checkpoints([r for r in evaluated if r.checkpoint in versions]), table, experiment)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,8 @@ from pretrain.export import export_checkpoint, upload_exported
 from pretrain.models import build_model
 from pretrain.objectives import build_objective
 from pretrain.perf import device_peak_flops, fused_attention, mfu, train_flops_per_sample
+from pretrain.model_registry import registered_name
+from pretrain.tracked_data import log_shard_datasets
 from pretrain.tracking import Tracker, build_tracker
 
 
@@ -118,6 +120,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
     )
     if run_id is None:
         tracker.log_params(dump_config(cfg) | {"flops_per_sample": flops_per_sample, "fused_attn": fused_attention(objective)})
+        log_shard_datasets(tracker, train=cfg.data.train_urls, val=cfg.data.val_urls)
     # Per start, not params: an elastic resume changes them within one run.
     tracker.log_metrics({"world_size": dist_info.world_size, "grad_accum_steps": accum, "global_batch": global_batch}, step=step)
     val_loader = build_loader(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, urls=cfg.data.val_urls, train=False) if cfg.data.val_urls else None
@@ -216,6 +219,7 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
             if cfg.train.remote_uri:
                 upload_exported(exported, storage.join_url(cfg.train.remote_uri, "export", exported.name))
             print0(f"exported {exported}")
+        tracker.register_model(registered_name(cfg.tracking.registered_model, cfg.model.name), model=cfg.model.name, step=step)
     checkpointer.close()
     tracker.close()
     return last

@@ -30,6 +30,7 @@ from pretrain.distributed import DistInfo, init_distributed, print0, shutdown
 from pretrain.engine import build_engine, resolve_grad_accum, train_step
 from pretrain.model_source import local_exported, provenance_tags
 from pretrain.objectives import build_objective
+from pretrain.tracked_data import log_transfer_dataset
 from pretrain.tracking import Tracker, build_tracker, failing_closes, seed_stats
 from pretrain.weights import load_exported
 
@@ -133,6 +134,7 @@ def run(cfg: TransferConfig, dist_info: DistInfo) -> dict[str, float]:
         with failing_closes(tracker):
             tracker.log_params(dump_config(cfg) | {"world_size": dist_info.world_size, "train_images": len(train),
                                                    "test_images": len(test), "num_classes": train.num_classes})
+            log_transfer_dataset(tracker, cfg.data.name, cfg.data.root, {"train": train, "test": test})
             lr = choose_lr(cfg, model_path=model_path, train=train, dist_info=dist_info, tracker=tracker)
             per_seed = [finetune(cfg, model_path=model_path, lr=lr, seed=seed, train=train, test=test, dist_info=dist_info,
                                  tracker=tracker, prefix=f"test/seed{i}") for i, seed in enumerate(cfg.seeds)]

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.s3_server", "tests.fixtures.slurm_cluster"]
+pytest_plugins = ["tests.fixtures.s3_server", "tests.fixtures.slurm_cluster", "tests.fixtures.mlflow_server"]

@@ -17,13 +17,14 @@ from pretrain.analysis.cka import ESTIMATORS
 from pretrain.analysis.plots import plot_attention_distance, plot_cka, plot_rollout
 from pretrain.analysis.run import MIN_CKA_BATCH, Analysis, Subject, analyze, batched, iter_shard_images
 from pretrain.config import TrackingConfig
+from pretrain.model_source import SOURCE_HELP, local_exported
 from pretrain.tracking import build_tracker, failing_closes
 
 TIMM_PREFIX = "timm:"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="exported model: FILE.safetensors with its FILE.json sidecar")
+    parser.add_argument("--model", required=True, help=SOURCE_HELP)
     parser.add_argument("--data", required=True, help="shard URL pattern, e.g. 'dir/val-{000000..000001}.tar'")
     parser.add_argument("--compare", default=None,
                         help="second model for cross-model CKA: an exported .safetensors, or timm:NAME "
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tracking", action="store_true", help="write the files only, log nothing to MLflow")
 
 
-def load_subject(spec: str, *, image_size: int | None, device: str) -> Subject:
+def load_subject(spec: str, *, image_size: int | None, device: str, tracking_uri: str | None = None) -> Subject:
     """An exported model, or `timm:NAME` built with random weights at `image_size`."""
     if spec.startswith(TIMM_PREFIX):
         import timm
@@ -54,7 +55,8 @@ def load_subject(spec: str, *, image_size: int | None, device: str) -> Subject:
         return Subject(name, model, image_size or cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
     from pretrain.weights import load_exported
 
-    model, meta = load_exported(spec, device=device)
+    with local_exported(spec, tracking_uri=tracking_uri) as path:  # a file, s3://, runs:/, models:/
+        model, meta = load_exported(path, device=device)
     return Subject(meta["model"], model, int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))
 
 
@@ -103,8 +105,9 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images and --batch-size must be at least {MIN_CKA_BATCH} (the unbiased CKA estimator needs 4 images per batch)")
     if not 0 <= args.rollout_images <= args.num_images:
         raise ValueError(f"--rollout-images must be between 0 and --num-images ({args.num_images})")
-    subject = load_subject(args.model, image_size=None, device=args.device)
-    reference = load_subject(args.compare, image_size=subject.image_size, device=args.device) if args.compare else None
+    subject = load_subject(args.model, image_size=None, device=args.device, tracking_uri=args.tracking_uri)
+    reference = load_subject(args.compare, image_size=subject.image_size, device=args.device,
+                             tracking_uri=args.tracking_uri) if args.compare else None
     out = Path(args.out or Path("runs/analysis") / Path(args.model).stem)
 
     result = analyze(

@@ -56,7 +56,8 @@ class DetectDataConfig(_Strict):
 class BackboneConfig(_Strict):
     """An exported model (`checkpoint`) or, for smoke runs, a registry model from scratch (`model`)."""
 
-    checkpoint: str | None = Field(None, description="exported <name>.safetensors (sidecar <name>.json beside it)")
+    checkpoint: str | None = Field(None, description="exported <name>.safetensors (sidecar <name>.json beside it), s3://, "
+                                   "runs:/<run id> or models:/<name>@<alias> (pretrain.model_source)")
     model: str | None = Field(None, description="pretrain.models name, randomly initialised")
     kwargs: dict = Field(default_factory=dict, description="extra constructor args for `model` (not img_size)")
     freeze_steps: int = Field(0, ge=0, description="backbone learning rate is 0 for these first steps")

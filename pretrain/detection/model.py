@@ -9,16 +9,19 @@ from pretrain.detection.head import DETRHead
 from pretrain.detection.losses import SetCriterion
 
 
-def build_backbone(*, checkpoint: str | None, model: str | None, kwargs: dict, image_size: int) -> tuple[nn.Module, dict]:
+def build_backbone(*, checkpoint: str | None, model: str | None, kwargs: dict, image_size: int,
+                   tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
     """The backbone at `image_size`, classifier removed, with its export meta ({} when built fresh).
 
     An exported model loses its whole pretraining head (tanh pre-logits included) and its
     position embeddings are resampled in 2-D to the new patch grid (`pretrain.weights`).
     """
-    if checkpoint is not None:
+    if checkpoint is not None:  # any model source: a file, s3://, runs:/, models:/ (pretrain.model_source)
+        from pretrain.model_source import local_exported
         from pretrain.weights import load_exported
 
-        backbone, meta = load_exported(checkpoint, image_size=image_size, num_classes=0)
+        with local_exported(checkpoint, tracking_uri=tracking_uri) as path:
+            backbone, meta = load_exported(path, image_size=image_size, num_classes=0)
     else:
         from pretrain.models import build_model
 

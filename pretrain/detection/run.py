@@ -32,7 +32,7 @@ from pretrain.tracking import build_tracker
 def build_objective(cfg: DetectConfig) -> tuple[DetectionObjective, dict]:
     """The detector and its loss; returns it with the backbone's export meta ({} when built fresh)."""
     backbone, meta = build_backbone(checkpoint=cfg.backbone.checkpoint, model=cfg.backbone.model, kwargs=cfg.backbone.kwargs,
-                                    image_size=cfg.data.image_size)
+                                    image_size=cfg.data.image_size, tracking_uri=cfg.tracking.tracking_uri)
     head = DETRHead(in_dim=backbone.num_features, num_classes=cfg.data.num_classes, **cfg.head.model_dump())
     loss = cfg.loss
     matcher = HungarianMatcher(cost_class=loss.cost_class, cost_bbox=loss.cost_bbox, cost_giou=loss.cost_giou)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pretrain.export import save_exported
@@ -180,18 +178,3 @@ def export_tiny_model(path: Path, *, num_classes: int = 10, seed: int = 0, run_i
 def tiny_export(tmp_path) -> Path:
     return export_tiny_model(tmp_path / "export" / "model.safetensors")
 
-
-@pytest.fixture(scope="session")
-def _mlflow_template(tmp_path_factory) -> Path:
-    """An empty sqlite store with MLflow's tables made once: creating them costs seconds of CPU."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture
-def tracking_uri(_mlflow_template, tmp_path) -> str:
-    """A fresh sqlite MLflow store of this test (artifacts go to mlartifacts/ beside it)."""
-    db = tmp_path / "mlflow.db"
-    shutil.copy(_mlflow_template, db)
-    return f"sqlite:///{db}"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pretrain.export import load_exported
+from pretrain.model_registry import resolve_version
 from pretrain.model_source import local_exported
 from pretrain.tracking import MLflowTracker
 
@@ -65,3 +66,27 @@ def test_http_export(tiny_export):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_registered_versions_by_alias_number_and_latest(tiny_export, tracking_uri):
+    run = MLflowTracker(tracking_uri=tracking_uri, experiment="pre", run_name="pretrain", system_metrics=False)
+    run.log_artifact(tiny_export, "model")
+    run.log_artifact(tiny_export.with_suffix(".json"), "model")
+    run.register_model("vitscale-vit_demo", model="vit_demo", step=7)
+    run.register_model("vitscale-vit_demo", model="vit_demo", step=7)  # a second export of the same run: version 2
+    run.close()
+    run.client.set_registered_model_alias("vitscale-vit_demo", "best-digits", "1")
+    reference = load_exported(tiny_export)[0]
+    for source, version in (("models:/vitscale-vit_demo/1", "1"), ("models:/vitscale-vit_demo@best-digits", "1"),
+                            ("models:/vitscale-vit_demo@latest", "2"), ("models:/vitscale-vit_demo/latest", "2")):
+        assert str(resolve_version(source, tracking_uri=tracking_uri).version) == version, source
+        with local_exported(source, tracking_uri=tracking_uri) as path:
+            assert same_model(load_exported(path)[0], reference), source
+    assert run.client.get_run(run.run_id).data.tags["registered_model"] == "models:/vitscale-vit_demo/2"
+    with pytest.raises(LookupError, match=r"models:/vitscale-vit_b16@latest.* \(registered models there: vitscale-vit_demo\)"):
+        with local_exported("models:/vitscale-vit_b16@latest", tracking_uri=tracking_uri):
+            pass
+    with pytest.raises(LookupError, match=r"models:/vitscale-vit_demo@best-cifar10' at .*alias best-cifar10 not found"):
+        resolve_version("models:/vitscale-vit_demo@best-cifar10", tracking_uri=tracking_uri)
+    with pytest.raises(ValueError, match="expected models:/<name>@<alias> or models:/<name>/<version>"):
+        resolve_version("models:/vitscale-vit_demo/one", tracking_uri=tracking_uri)

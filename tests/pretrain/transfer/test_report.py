@@ -2,17 +2,11 @@
 from __future__ import annotations
 
 import csv
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import json
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pretrain.__main__ import main as cli
@@ -72,49 +66,19 @@ def test_report_from_sqlite(tracking_uri, tmp_path, capsys):
         build_report(experiment="papers", tracking_uri=tracking_uri, out=tmp_path / "none")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(_mlflow_template, tmp_path):
-    """`mlflow server` on 127.0.0.1 over its own sqlite store, serving artifacts too."""
-    db = tmp_path / "server.db"
-    shutil.copy(_mlflow_template, db)
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--artifacts-destination", str(tmp_path / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {"url": url, "db": db}
-    os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: the CLI and its uvicorn worker
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-
-
 def test_report_from_a_remote_mlflow_server(mlflow_server, tmp_path):
-    populate(mlflow_server["url"])
+    pre = populate(mlflow_server["url"])
     text, _ = build_report(experiment="paper", tracking_uri=mlflow_server["url"], out=tmp_path / "remote")
     check_report(text, tmp_path / "remote")
-    # the same store read directly gives the same table
+    # the same store read directly gives the same table (its artifacts, behind the server, stay as they are)
     direct, _ = build_report(experiment="paper", tracking_uri=f"sqlite:///{mlflow_server['db']}", out=tmp_path / "direct")
     assert direct == text
+    # the pretraining run holds its rows as a table artifact (all but the other run's checkpoint) and the PNG
+    client = MlflowClient(mlflow_server["url"])
+    files = {f.path for f in client.list_artifacts(pre["pretrain"], "report")}
+    (table,) = files - {"report/report.png"}
+    logged = json.loads(Path(client.download_artifacts(pre["pretrain"], table, str(tmp_path))).read_text())
+    rows = [dict(zip(logged["columns"], row)) for row in logged["data"]]
+    assert len(rows) == 9 and "abcdef01@50" not in {r["checkpoint"] for r in rows}
+    (ft,) = [r for r in rows if (r["data set"], r["evaluation"]) == ("cifar10", "fine-tune top-1")]
+    assert (ft["checkpoint"], ft["accuracy (%)"], ft["std (%)"], ft["seeds"]) == ("vit-s16@300", 96.0, 1.0, 2)
