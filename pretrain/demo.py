@@ -17,7 +17,7 @@ from data_pipeline import sources
 from data_pipeline.writer import read_info, write_split
 from pretrain.fewshot_cli import evaluate_fewshot, log_fewshot
 from pretrain.weights import load_exported
-from pretrain.tracking import MLflowTracker
+from pretrain.tracking import MLflowTracker, ui_url
 
 PRETRAIN_CONFIG = "configs/pretrain/demo_fmnist.yaml"
 TRANSFER_CONFIG = "configs/transfer/demo_digits.yaml"
@@ -97,4 +97,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nvitscale demo results (wall time {wall / 60:.1f} min)\n{table}\n")
     print("Browse the runs (parent run 'demo' in experiment 'vitscale-demo'):")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
+    runs_page = ui_url("http://127.0.0.1:5000", f"experiments/{parent.client.get_run(parent.run_id).info.experiment_id}/runs")
+    print(f"  then open {runs_page} (MLflow's model-training view; exports under Model registry)")
     return 0
