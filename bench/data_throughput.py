@@ -24,8 +24,13 @@ Rows:
                 (data.interleave_shards, default 256; the shards here are 16 of 64 images)
   ours_one_lane the same with data.interleave_shards=1: the order before it (one shard at a time)
 
+  host_float32  ours with one worker process, batches handed over normalised (data.host_dtype float32)
+  host_uint8    the same handing over uint8 (the default), normalised after the hand-over; both
+                report wall-clock samples/s (the work is split over two processes)
+
 Last line: RESULT ours_vs_timm=<ours / best timm> ours_vs_decode_limit=<ours / limit>
-ours_vs_one_lane=<ours / ours_one_lane>
+ours_vs_one_lane=<ours / ours_one_lane> host_bytes_ratio=<bytes per batch through the worker
+queue, uint8 / float32> host_uint8_vs_float32=<wall samples/s, uint8 / float32>
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.config import DataConfig  # noqa: E402
-from data_pipeline.decode import keep_freed_buffers  # noqa: E402
+from data_pipeline.decode import keep_freed_buffers, normalize_batch  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from data_pipeline.sample import Sample  # noqa: E402
 from data_pipeline.writer import write_split  # noqa: E402
@@ -110,6 +115,26 @@ def ours_epoch(pattern: str, epoch: int, **order) -> int:
     return seen
 
 
+HOST_BYTES: dict[str, int] = {}  # host_dtype -> bytes per batch through the worker queue
+
+
+def host_epoch(pattern: str, epoch: int, host_dtype: str) -> int:
+    """One epoch of our loader with one worker process, the batches handed over as `host_dtype`
+    (uint8: normalised after the hand-over, here on the CPU as the device; float32: in the
+    worker); records the bytes per batch that cross the worker boundary in HOST_BYTES."""
+    cfg = DataConfig(train_urls=pattern, batch_size=BATCH, num_workers=1, shuffle_buffer=256, image_size=SIZE,
+                     num_classes=2, augment="inception", normalize="imagenet", seed=epoch + 1, host_dtype=host_dtype)
+    loader = build_loader(cfg, rank=0, world_size=1, urls=pattern, train=True, device=torch.device("cpu"))
+    seen, crossed = 0, 0
+    for images, targets in itertools.islice(loader.host_batches(), loader.stream.batches_per_epoch()):
+        crossed += images.untyped_storage().nbytes() + targets.untyped_storage().nbytes()
+        images = normalize_batch(images, cfg.mean, cfg.std, device=torch.device("cpu"))
+        assert images.shape[1:] == (3, SIZE, SIZE) and images.dtype == torch.float32
+        seen += len(images)
+    HOST_BYTES[host_dtype] = crossed // loader.stream.batches_per_epoch()
+    return seen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1024, help="JPEG patches in the shards (a multiple of 64)")
@@ -129,6 +154,8 @@ def main() -> None:
             "timm_wds_prefetcher": lambda r: timm_epoch(root, prefetcher=True),
             "ours": lambda r: ours_epoch(pattern, r),
             "ours_one_lane": lambda r: ours_epoch(pattern, r, interleave_shards=1),
+            "host_float32": lambda r: host_epoch(pattern, r, "float32"),  # wall clock: a worker process
+            "host_uint8": lambda r: host_epoch(pattern, r, "uint8"),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}
         wall: dict[str, list[float]] = {name: [] for name in runs}
@@ -147,7 +174,9 @@ def main() -> None:
     timm_best = max(median["timm_wds"], median["timm_wds_prefetcher"])
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"RESULT ours_vs_timm={median['ours'] / timm_best:.2f} ours_vs_decode_limit={median['ours'] / median['decode_limit']:.2f} "
-          f"ours_vs_one_lane={median['ours'] / median['ours_one_lane']:.2f}")
+          f"ours_vs_one_lane={median['ours'] / median['ours_one_lane']:.2f} "
+          f"host_bytes_ratio={HOST_BYTES['uint8'] / HOST_BYTES['float32']:.3f} "
+          f"host_uint8_vs_float32={statistics.median(wall['host_uint8']) / statistics.median(wall['host_float32']):.2f}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ class DataConfig(StrictConfig):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_corrupt_fraction: float = Field(0.01, ge=0, le=1)
+    host_dtype: Literal["uint8", "float32"] = Field("uint8", description="batches as the loader workers hand them over: "
+                                                    "uint8, normalised on the device after the copy (a quarter of the "
+                                                    "bytes); float32, normalised in the workers (CPU training)")
 
     @model_validator(mode="before")
     @classmethod

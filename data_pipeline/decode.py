@@ -1,9 +1,10 @@
 """Turn raw shard samples into training batches, inside the loader workers.
 
 Per sample, `ImagePipeline` decodes and augments (timm's random-resized-crop parameters,
-flip, RandAugment) into a uint8 array; per batch, `BatchFinisher` normalises with the
-model's mean/std and applies timm's mixup/cutmix (soft targets). Bad samples raise
-`BadSample` with a reason the stream counts.
+flip, RandAugment) into a uint8 array; per batch, `BatchFinisher` stacks them into a uint8
+batch and applies timm's mixup/cutmix (soft targets); `normalize_batch` normalises with the
+model's mean/std on the device, after the copy. Bad samples raise `BadSample` with a reason
+the stream counts.
 
 Fast path (`fast_jpeg`): the crop box is drawn from the image header before any pixel is
 decoded. A JPEG whose crop allows it is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL
@@ -27,14 +28,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
-from timm.data.mixup import Mixup
+from timm.data.mixup import FastCollateMixup
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 
 from data_pipeline.sample import BadSample, decode_image, image_field, sample_labels, where
 
-__all__ = ["BadSample", "BatchFinisher", "ClassificationDecoder", "ImagePipeline", "SampleDecoder", "build_mixup", "build_transform"]
+__all__ = ["BadSample", "BatchFinisher", "ClassificationDecoder", "ImagePipeline", "SampleDecoder", "build_mixup", "build_transform",
+           "normalize_batch"]
 
 INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 Augment = Literal["none", "center", "flip", "inception"]
@@ -203,46 +205,73 @@ class ClassificationDecoder(SampleDecoder):
 
 @dataclass
 class BatchFinisher:
-    """uint8 HWC images and targets of one batch -> normalised float batch and targets, with
-    mixup/cutmix when configured (in the worker, on the whole batch).
+    """uint8 HWC images and targets of one batch -> a (B, 3, H, W) batch and its targets, in the
+    loader worker, with mixup/cutmix when configured.
 
-    The batch is (B, 3, H, W) in channels_last memory: normalising the HWC pixels row by row
-    needs no transposition (a quarter of the per-image cost otherwise); models and `.to()`
+    `host_dtype="uint8"` (the default): the batch stays uint8, a quarter of float32's bytes through
+    the worker queue and the host-to-device copy; `normalize_batch` makes it float on the device.
+    Mixup/cutmix then blend the uint8 pixels, rounded to whole levels, as timm's
+    `FastCollateMixup` does for its GPU prefetcher: the draws stay in the worker, seeded by the
+    batch's place in the epoch, so a resumed run mixes exactly as an uninterrupted one.
+    `host_dtype="float32"`: normalised here, for CPU training (workers share the arithmetic).
+
+    Without mixup the batch is (B, 3, H, W) in channels_last memory, a view of the stacked HWC
+    pixels (normalising them row by row needs no transposition either); models and `.to()`
     accept it as any NCHW tensor.
     """
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    mixup: Mixup | None = None
+    mixup: FastCollateMixup | None = None
+    host_dtype: Literal["uint8", "float32"] = "uint8"
 
     def __call__(self, images: list[np.ndarray], targets: list) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.stack(images, out=np.empty((len(images), *images[0].shape), dtype=np.uint8)))
-        b, h, w, c = pixels.shape
-        scale = (1.0 / (255.0 * torch.tensor(self.std))).repeat(w)  # one image row: w x (r, g, b)
-        shift = (-torch.tensor(self.mean) / torch.tensor(self.std)).repeat(w)
-        rows = _float_rows(b * h, w * c)
-        torch.addcmul(shift, pixels.view(b * h, w * c), scale, out=rows)
-        batch = rows.view(b, h, w, c).permute(0, 3, 1, 2)
-        target = torch.from_numpy(np.array(targets))
         if self.mixup is not None:
-            batch, target = self.mixup(batch, target)
+            return self._finish(*self.mixup([(image.transpose(2, 0, 1), target) for image, target in zip(images, targets)]))
+        b, (h, w, c) = len(images), images[0].shape
+        if self.host_dtype == "float32":
+            pixels = torch.from_numpy(np.stack(images, out=np.empty((b, h, w, c), dtype=np.uint8)))
+            scale = (1.0 / (255.0 * torch.tensor(self.std))).repeat(w)  # one image row: w x (r, g, b)
+            shift = (-torch.tensor(self.mean) / torch.tensor(self.std)).repeat(w)
+            rows = _shared_empty((b * h, w * c), torch.float32)
+            torch.addcmul(shift, pixels.view(b * h, w * c), scale, out=rows)
+            return rows.view(b, h, w, c).permute(0, 3, 1, 2), torch.from_numpy(np.array(targets))
+        pixels = _shared_empty((b, h, w, c), torch.uint8)
+        np.stack(images, out=pixels.numpy())
+        return pixels.permute(0, 3, 1, 2), torch.from_numpy(np.array(targets))
+
+    def _finish(self, batch: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.host_dtype == "float32":
+            batch = normalize_batch(batch, self.mean, self.std, device=torch.device("cpu"))
         return batch, target
 
 
-def _float_rows(n: int, width: int) -> torch.Tensor:
-    """An uninitialised float32 (n, width) tensor; in a loader worker it is allocated in shared
-    memory, so handing the batch to the main process copies nothing (as DataLoader's own
-    collate does, through the same storage call)."""
+def normalize_batch(images: torch.Tensor, mean, std, *, device: torch.device) -> torch.Tensor:
+    """A host batch as float32 `(pixels / 255 - mean) / std` on `device`. A uint8 batch crosses
+    from pinned memory without blocking the host (CUDA), and the arithmetic runs on the device
+    (timm's PrefetchLoader does the same); a float batch (host_dtype float32) is only moved."""
+    if images.dtype != torch.uint8:
+        return images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.pin_memory().to(device, non_blocking=True)
+    mean, std = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return torch.addcmul(-mean / std, images, 1.0 / (255.0 * std))
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a loader worker it is allocated in shared memory, so handing
+    the batch to the main process copies nothing (as DataLoader's own collate does, through the
+    same storage call)."""
     if get_worker_info() is None:
-        return torch.empty(n, width)
-    storage = torch.UntypedStorage._new_shared(n * width * 4)
-    return torch.tensor([], dtype=torch.float32).set_(storage, 0, (n, width))
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.tensor([], dtype=dtype).set_(storage, 0, shape)
 
 
 def build_mixup(*, mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float, label_smoothing: float,
-                num_classes: int, multi_label: bool) -> Mixup | None:
-    """timm's Mixup for these settings; None when mixup and cutmix are both off."""
+                num_classes: int, multi_label: bool) -> FastCollateMixup | None:
+    """timm's uint8 batch mixup for these settings; None when mixup and cutmix are both off."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return None
-    return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
+    return FastCollateMixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
                  label_smoothing=label_smoothing, num_classes=num_classes, multi_label=multi_label)

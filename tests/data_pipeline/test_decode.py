@@ -13,7 +13,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from data_pipeline.config import NORMALIZATION, DataConfig
-from data_pipeline.decode import BadSample, BatchFinisher, ClassificationDecoder, ImagePipeline, _draft, build_mixup, crop_box, seed_sample
+from data_pipeline.decode import (
+    BadSample, BatchFinisher, ClassificationDecoder, ImagePipeline, _draft, build_mixup, crop_box, normalize_batch, seed_sample,
+)
 from tests.data_pipeline.conftest import photo_patches
 
 # Fast vs slow path, in 0..255 grey levels: mean absolute difference per image at most
@@ -65,14 +67,18 @@ def test_center_crop_and_undecodable_bytes(photos):
         ImagePipeline(16)(photos[0][:100], "shard.tar:k")
 
 
-def test_batch_normalisation_matches_torchvision(photos):
+def test_batch_normalisation_matches_torchvision_on_the_host_or_after_the_copy(photos):
     mean, std = NORMALIZATION["imagenet"]
     pipeline = ImagePipeline(24)
     images = [pipeline(p, "x") for p in photos[:4]]
-    batch, targets = BatchFinisher(mean, std)(images, [0, 1, 2, 3])
     reference = torch.stack([T.Compose([T.ToTensor(), T.Normalize(mean, std)])(Image.fromarray(i)) for i in images])
-    assert batch.shape == (4, 3, 24, 24) and torch.allclose(batch, reference, atol=1e-5)
-    assert targets.tolist() == [0, 1, 2, 3]
+    host, targets = BatchFinisher(mean, std)(images, [0, 1, 2, 3])  # what a worker hands over by default
+    assert host.dtype == torch.uint8 and host.shape == (4, 3, 24, 24) and targets.tolist() == [0, 1, 2, 3]
+    on_device = normalize_batch(host, mean, std, device=torch.device("cpu"))
+    in_worker, _ = BatchFinisher(mean, std, host_dtype="float32")(images, [0, 1, 2, 3])
+    for batch in (on_device, in_worker):
+        assert batch.dtype == torch.float32 and torch.allclose(batch, reference, atol=1e-5)
+    assert host.untyped_storage().nbytes() * 4 == in_worker.untyped_storage().nbytes()  # a quarter of the bytes
 
 
 @pytest.mark.parametrize("multi", [False, True])
@@ -89,6 +95,7 @@ def test_mixup_makes_soft_targets_on_the_batch(photos, multi):
     np.random.seed(0)
     batch, soft = finish(images, targets)
     assert soft.shape == (4, 5) and soft.dtype == torch.float32
+    assert batch.dtype == torch.uint8 and batch.shape == plain.shape  # mixed as uint8, timm's FastCollateMixup
     assert not torch.equal(batch, plain)  # images were mixed with the reversed batch
     if not multi:
         assert torch.allclose(soft.sum(1), torch.ones(4)) and (soft[:, 2] < 0.05).all()
