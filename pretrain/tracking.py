@@ -265,8 +265,11 @@ def build_tracker(*, is_main: bool, tracking_uri: str, experiment: str, run_name
     tracker, error = NullTracker(), None
     if is_main:
         try:
-            tracker = MLflowTracker(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
-                                    parent_run_id=parent_run_id, tags=tags, run_id=run_id)
+            from pretrain.tracking_guard import SurvivingTracker, check_reachable
+
+            check_reachable(tracking_uri)  # a clear error now, not a stall in MLflow's retries
+            tracker = SurvivingTracker(MLflowTracker(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
+                                                     parent_run_id=parent_run_id, tags=tags, run_id=run_id))
         except Exception as err:  # the other ranks still leave the gather below
             error = err
     shared_run, leader = _node_leader(tracker.run_id)
