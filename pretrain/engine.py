@@ -106,12 +106,12 @@ def build_partitioned(build: Callable[[], nn.Module], engine: EngineConfig, *, m
         return build()
 
 
-def compile_blocks(module: nn.Module) -> None:
+def compile_blocks(module: nn.Module, *, backend: str = "inductor") -> None:
     """torch.compile each transformer block of `module.backbone` in place (torchtitan compiles per
     block too): every objective runs the blocks, MAE on its visible tokens only, and the names in
     state dicts and checkpoints stay those of the eager model. Call after `deepspeed.initialize`."""
     for block in getattr(module, BACKBONE).blocks:
-        block.compile()
+        block.compile(backend=backend)
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
