@@ -149,7 +149,8 @@ def to_universal(folder: Path) -> Path:
                               keep_temp_folder=False, strict=True, inject_missing_state=True)
     with contextlib.redirect_stdout(io.StringIO()):  # it narrates every step
         ds_to_universal.main(args)
-    os.replace(tmp, out)
+    fsync_tree(tmp)
+    replace_durably(tmp, out)
     return out
 
 
