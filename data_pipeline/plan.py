@@ -168,8 +168,8 @@ def lane_bounds(piece: SlotPiece, starts: np.ndarray, lanes: int) -> np.ndarray:
     targets = np.arange(1, lanes, dtype=np.int64) * piece.length // lanes
     cuts = np.zeros(0, np.int64)
     if len(breaks) and len(targets):
-        i = np.clip(np.searchsorted(breaks, targets), 1, len(breaks) - 1) if len(breaks) > 1 else np.zeros(len(targets), int)
-        below, above = breaks[np.maximum(i - 1, 0)], breaks[i]
+        i = np.searchsorted(breaks, targets)
+        below, above = breaks[np.maximum(i - 1, 0)], breaks[np.minimum(i, len(breaks) - 1)]
         cuts = np.where(targets - below <= above - targets, below, above)
     return np.unique(np.concatenate([[0], cuts, [piece.length]])).astype(np.int64)
 
