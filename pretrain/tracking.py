@@ -237,8 +237,8 @@ class MLflowTracker:
         from pretrain.model_registry import attach_results
         from pretrain.report import run_results
 
-        run = self.client.get_run(self.run_id)
         try:
+            run = self.client.get_run(self.run_id)
             attach_results(self.client, run, run_results(run), self.tracking_uri)
         except (MlflowException, LookupError) as err:
             log.warning("run %s: results not attached to a registered model version: %s", self.run_id, err)
