@@ -82,3 +82,39 @@ def test_report_from_a_remote_mlflow_server(mlflow_server, tmp_path):
     assert len(rows) == 9 and "abcdef01@50" not in {r["checkpoint"] for r in rows}
     (ft,) = [r for r in rows if (r["data set"], r["evaluation"]) == ("cifar10", "fine-tune top-1")]
     assert (ft["checkpoint"], ft["accuracy (%)"], ft["std (%)"], ft["seeds"]) == ("vit-s16@300", 96.0, 1.0, 2)
+
+
+def test_report_moves_best_alias_and_fills_the_registry(tracking_uri, tmp_path):
+    """Two registered exports fine-tuned on cifar10: `best-cifar10` follows the better one as results arrive,
+    and each version carries its numbers, a link to its transfer run and the table."""
+    from pretrain.tracking import MLflowTracker
+
+    def export(name: str) -> MLflowTracker:
+        pre = MLflowTracker(tracking_uri=tracking_uri, experiment="reg", run_name=name, tags={"stage": "pretrain"}, system_metrics=False)
+        pre.register_model("vitscale-vit_s16", model="vit_s16", step=100)
+        pre.close()
+        return pre
+
+    def transfer(pre: MLflowTracker, top1: float) -> str:
+        tr = MLflowTracker(tracking_uri=tracking_uri, experiment="reg", run_name="transfer-cifar10", system_metrics=False,
+                           tags={"stage": "transfer", "dataset": "cifar10", "pretrain_run_id": pre.run_id, "pretrain_step": "100",
+                                 "model_source": f"runs:/{pre.run_id}"})
+        tr.log_metrics({"top1": top1, "top1/std": 0.01, "mean_per_class": top1}, step=10)
+        tr.close()  # tags the version it evaluated
+        return tr.run_id
+
+    a, b = export("a"), export("b")
+    run_a = transfer(a, 0.90)
+    transfer(b, 0.80)
+    build_report(experiment="reg", tracking_uri=tracking_uri, out=tmp_path / "one")
+    client = MlflowClient(tracking_uri)
+    assert client.get_model_version_by_alias("vitscale-vit_s16", "best-cifar10").run_id == a.run_id
+    v1 = client.get_model_version("vitscale-vit_s16", "1")
+    assert v1.tags["cifar10/fine-tune top-1"] == "90.0 ± 1.0" and v1.tags["cifar10/transfer run"] == f"runs:/{run_a}"
+    assert "| cifar10 | fine-tune top-1 | 90.0 ± 1.0 | 80.0 ± 1.0 |" in v1.description
+    assert v1.tags["report table"].startswith(f"runs:/{a.run_id}/report/transfer_table-")
+    transfer(b, 0.95)  # a later run of the same checkpoint replaces the earlier one
+    build_report(experiment="reg", tracking_uri=tracking_uri, out=tmp_path / "two")
+    assert client.get_model_version_by_alias("vitscale-vit_s16", "best-cifar10").run_id == b.run_id
+    assert client.get_model_version("vitscale-vit_s16", "2").tags["cifar10/fine-tune top-1"] == "95.0 ± 1.0"
+    assert "| cifar10 | fine-tune top-1 | 90.0 ± 1.0 | 95.0 ± 1.0 |" in client.get_registered_model("vitscale-vit_s16").description
