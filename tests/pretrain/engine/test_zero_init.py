@@ -57,6 +57,7 @@ def test_vit_22b_twin_trains_exports_resamples_and_resumes_under_zero3(launched)
     ckpt_meta = json.loads((root / "run" / "checkpoints" / "step00000009" / "meta.json").read_text())
     losses = {m.step: m.value for m in client.get_metric_history(ckpt_meta["run_id"], "loss")}
     assert sorted(losses) == list(range(1, 10))  # one MLflow run across the resume
+    assert client.get_run(ckpt_meta["run_id"]).data.params["fused_attn"] == "True"  # timm's SDPA in every block
     assert all(torch.isfinite(torch.tensor(list(losses.values()))))
     state = load_file(root / "run" / "export" / "model.safetensors")
     torch.manual_seed(0)
