@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 BAD = "data:\n  train_urls: x.tar\nmodel:\n  name: vit_demo\n  colour: blue\ntrain:\n  steps: -1\n"
 
@@ -29,8 +31,24 @@ def test_a_bad_config_prints_at_most_three_lines_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
     assert f"invalid config {tmp_path / 'BAD.yaml'}: " in lines[0] and "model.colour: unknown key" in lines[0]
     assert "train.steps: Input should be greater than 0" in lines[0]
-    debug = run(["-m", "pretrain", "train", "--config", str(tmp_path / "BAD.yaml"), "--debug"])
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_the_traceback_only_when_asked(tmp_path, monkeypatch, capsys):
+    """the same error with --debug or VITSCALE_DEBUG=1 | nothing | the exception propagates with its traceback"""
+    from data_pipeline.errors import run_cli
+    from pretrain.__main__ import main
+    from pretrain.config import ConfigError
+
+    (tmp_path / "BAD.yaml").write_text(BAD)
+    argv = ["train", "--config", str(tmp_path / "BAD.yaml")]
+    monkeypatch.delenv("VITSCALE_DEBUG", raising=False)
+    assert run_cli("python -m pretrain", main, argv) == 2
+    assert capsys.readouterr().err.startswith("python -m pretrain: error: invalid config")
+    with pytest.raises(ConfigError):
+        run_cli("python -m pretrain", main, [*argv, "--debug"])
+    monkeypatch.setenv("VITSCALE_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        run_cli("python -m pretrain", main, argv)
 
 
 def test_a_missing_shard_folder_names_it_and_exits_2(tmp_path):
