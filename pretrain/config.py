@@ -82,10 +82,10 @@ class FewshotHookConfig(_Strict):
     batch_size: int = Field(256, gt=0)
 
 
-class TrainConfig(_Strict):
+class LoopConfig(_Strict):
+    """What the trainer (pretrain.trainer) reads, the same for every task: steps, cadences, checkpoints, EMA."""
+
     steps: int = Field(gt=0)
-    objective: str = Field("softmax_xent", description="a name of pretrain.objectives.OBJECTIVES")
-    objective_kwargs: dict[str, Any] = Field(default_factory=dict, description="the objective's keyword arguments")
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(0, ge=0, description="0: only at the end")
     keep_last: int = Field(2, gt=0)
@@ -93,10 +93,15 @@ class TrainConfig(_Strict):
     remote_uri: str | None = Field(None, pattern=r"^s3://[^/]+", description="s3://bucket/prefix mirroring output_dir: "
                                    "checkpoints uploaded after each save, resumed from when the local copy is missing")
     resume: bool = False
-    eval_every: int = Field(0, ge=0)
-    seed: int = 0
     peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device for MFU; default: from the device")
     ema: EmaConfig | None = None
+
+
+class TrainConfig(LoopConfig):
+    objective: str = Field("softmax_xent", description="a name of pretrain.objectives.OBJECTIVES")
+    objective_kwargs: dict[str, Any] = Field(default_factory=dict, description="the objective's keyword arguments")
+    eval_every: int = Field(0, ge=0)
+    seed: int = 0
     fewshot: FewshotHookConfig | None = None
     visualize_every: int = Field(0, ge=0, description="objectives with visualize(images): a PNG every N steps")
 
@@ -197,8 +202,10 @@ class TransferDataConfig(_Strict):
                                        "the data set's own (2 % CIFAR, 10 % Pets and Flowers)")
 
 
-class TransferConfig(_Strict):
-    """Fine-tuning recipe of the ViT paper (App. B.1.1): zero-init head, SGD, cosine, clip 1."""
+class TransferConfig(LoopConfig):
+    """Fine-tuning recipe of the ViT paper (App. B.1.1): zero-init head, SGD, cosine, clip 1.
+    Each fine-tune (an lr of `lr_grid` on dev, a seed on test) checkpoints and resumes under
+    `<output_dir>/<data set>/<dev/lr_X|test/seedI>/` as a pretraining run does."""
 
     model: str = Field(description="exported .safetensors, s3://bucket/key.safetensors, runs:/<run id>, mlflow:<run id>, "
                                    "models:/<name>@<alias> or models:/<name>/<version>")
@@ -206,7 +213,6 @@ class TransferConfig(_Strict):
     optim: OptimConfig = OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, decay="cosine")
     lr_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list, description="chosen on the dev split when given")
     engine: EngineConfig = EngineConfig(zero_stage=0)
-    steps: int = Field(gt=0)
     seeds: list[int] = Field([0], min_length=1, description="final fine-tuning runs; mean and std are reported")
     output_dir: str = "runs/transfer"
     tracking: TrackingConfig = TrackingConfig()

@@ -137,33 +137,36 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
 
 # One fused kernel per step over all tensors on CUDA (None: torch's default, foreach).
 FUSED_ADAM = True if torch.cuda.is_available() else None
+# name -> the torch optimizer over parameter groups. The ViT paper's "Adam, weight decay 0.1" is
+# flax.optim.Adam, whose decay is decoupled (p -= lr * wd * p): that is torch's AdamW. torch's
+# Adam adds wd * p to the gradient.
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], OptimConfig], torch.optim.Optimizer]] = {
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=FUSED_ADAM),
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, betas=o.betas, fused=FUSED_ADAM),
+    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum),
+}
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim)
-    if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
-    # The ViT paper's "Adam, weight decay 0.1" is flax.optim.Adam, whose decay is decoupled
-    # (p -= lr * wd * p): that is torch's AdamW. torch's Adam adds wd * p to the gradient.
-    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=optim.lr, betas=optim.betas, fused=FUSED_ADAM)
+def _group_multiplier(step: int, *, freeze_steps: int, **schedule) -> float:
+    # lr 0 is an exact freeze under every ZeRO stage: AdamW/Adam/SGD updates and decay all scale with lr.
+    return 0.0 if step < freeze_steps else lr_multiplier(step, **schedule)
 
 
-def build_engine(model: nn.Module, *, optim: OptimConfig, engine: EngineConfig, micro_batch: int, total_steps: int,
-                 grad_accum_steps: int | None = None, load_universal: bool = False):
-    """`deepspeed.initialize` over `model` with our optimizer and schedule; returns the engine."""
+def build_engine(model: nn.Module, groups: list[dict[str, Any]] | None = None, *, optim: OptimConfig, engine: EngineConfig,
+                 micro_batch: int, total_steps: int, grad_accum_steps: int | None = None, load_universal: bool = False):
+    """`deepspeed.initialize` over `model` with the optimizer `optim.name` of OPTIMIZERS and the
+    schedule; returns the engine. `groups`: torch parameter groups (default: `param_groups(model,
+    optim)`); a group's `freeze_steps` keeps its lr at 0 for that many steps."""
     import deepspeed
 
-    optimizer = build_optimizer(model, optim)
-    schedule = LambdaLR(
-        optimizer,
-        functools.partial(
-            lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,
-            decay=optim.decay, min_ratio=optim.min_lr_ratio,
-        ),
-    )
+    groups = param_groups(model, optim) if groups is None else groups
+    freeze = [g.get("freeze_steps", 0) for g in groups]
+    groups = [{k: v for k, v in g.items() if k != "freeze_steps"} for g in groups]
+    optimizer = OPTIMIZERS[optim.name](groups, optim)
+    schedule = dict(total_steps=total_steps, warmup_steps=optim.warmup_steps, decay=optim.decay, min_ratio=optim.min_lr_ratio)
+    multipliers = [functools.partial(_group_multiplier, freeze_steps=f, **schedule) for f in freeze]
     ds_engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule,
+        model=model, optimizer=optimizer, lr_scheduler=LambdaLR(optimizer, multipliers),
         config=deepspeed_config(engine, micro_batch=micro_batch, grad_accum_steps=grad_accum_steps,
                                 load_universal=load_universal),
     )
@@ -174,17 +177,21 @@ def input_dtype(ds_engine) -> torch.dtype:
     return torch.bfloat16 if ds_engine.bfloat16_enabled() else torch.float32
 
 
+def to_device(ds_engine, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host batch on the engine's device, images in its compute dtype: the one place batches cross."""
+    return images.to(ds_engine.device, input_dtype(ds_engine)), targets.to(ds_engine.device)
+
+
 def train_step(ds_engine, batches) -> tuple[float, dict[str, float]]:
     """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss and the
     objective's mean metrics, plus `grad_norm` (global, before clipping)."""
     losses, metrics = [], {}
-    device, dtype = ds_engine.device, input_dtype(ds_engine)
     # DeepSpeed keeps the global norm of its ZeRO and bf16 optimizers; with a plain optimizer
     # (ZeRO-0, fp32) it clips without keeping it, so it is read here, from the reduced gradients.
     own_norm = not (ds_engine.zero_optimization() or ds_engine.bfloat16_enabled() or ds_engine.fp16_enabled())
     grad_norm = None
     for images, targets in batches:
-        loss, step_metrics = ds_engine(images.to(device, dtype), targets.to(device))
+        loss, step_metrics = ds_engine(*to_device(ds_engine, images, targets))
         ds_engine.backward(loss)
         if own_norm and ds_engine.is_gradient_accumulation_boundary():
             grads = [p.grad for p in ds_engine.module.parameters() if p.grad is not None]

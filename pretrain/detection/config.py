@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from pretrain.config import EngineConfig, OptimConfig, TrackingConfig, _Strict
+from pretrain.config import EngineConfig, LoopConfig, OptimConfig, TrackingConfig, _Strict
 
 
 class CocoSource(_Strict):
@@ -101,15 +101,10 @@ class LossConfig(_Strict):
     aux_loss: bool = True
 
 
-class DetectTrainConfig(_Strict):
-    steps: int = Field(gt=0)
-    log_every: int = Field(10, gt=0)
+class DetectTrainConfig(LoopConfig):
     eval_every: int = Field(0, ge=0, description="0: only at the end")
     eval_at_start: bool = Field(False, description="also evaluate the untrained head (val_map_at_start)")
-    ckpt_every: int = Field(0, ge=0, description="0: only at the end")
-    keep_last: int = Field(2, gt=0)
     output_dir: str = "runs/detect"
-    resume: bool = False
     seed: int = 0
     plot_images: int = Field(8, ge=0, description="validation images drawn in predictions.png")
     score_threshold: float = Field(0.5, ge=0, le=1, description="boxes drawn in predictions.png")

@@ -63,31 +63,21 @@ def coco_map(predictions: list[dict], truths: list[dict], num_classes: int) -> d
 
 @torch.no_grad()
 def predict(detector: torch.nn.Module, loader, *, device: torch.device, dtype: torch.dtype = torch.float32,
-            keep_images: int = 0, lockstep: bool = False, progress: bool = True):
+            keep_images: int = 0, sync: bool = False, progress: bool = True):
     """This rank's (predictions, truths, first `keep_images` input images) over one pass of `loader`.
 
-    `lockstep`: ranks run forwards until every rank is done (idle ones on a blank image), as ZeRO-3,
-    which gathers each layer's weights collectively, needs.
+    `sync`: the ranks step in lock-step (`pretrain.evaluation.lockstep`), as ZeRO-3 needs.
     """
+    from pretrain.evaluation.common import lockstep  # here: pretrain.evaluation imports this module
+
     was_training = detector.training
     detector.eval()
     predictions, truths, images = [], [], []
-    batches = iter(tqdm(loader, desc="detect eval", unit="batch", disable=not progress, mininterval=2))
-    while True:
-        batch = next(batches, None)
-        if lockstep:
-            more = torch.tensor(float(batch is not None), device=device)
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-            if not more:
-                break
-            if batch is None:
-                side = detector.backbone.patch_embed.img_size
-                detector(torch.zeros(1, 3, *side, device=device, dtype=dtype))
-                continue
-        elif batch is None:
-            break
-        pixels, packed = batch
+    batches = tqdm(loader, desc="detect eval", unit="batch", disable=not progress, mininterval=2)
+    for (pixels, packed), real in lockstep(batches, sync=sync, device=device):
         outputs = detector(pixels.to(device, dtype))
+        if not real:
+            continue
         predictions += postprocess(outputs["logits"], outputs["boxes"], packed[:, 0, 1:3])
         truths += ground_truth(packed)
         if sum(len(b) for b in images) < keep_images:

@@ -44,7 +44,7 @@ def build_objective(cfg: DetectConfig) -> tuple[DetectionObjective, dict]:
 def evaluate(ds_engine, loader, *, num_classes: int, keep_images: int, progress: bool):
     """mAP over every rank's share (computed on rank 0, sent to all) and rank 0's first images."""
     predictions, truths, images = predict(ds_engine.module.detector, loader, device=ds_engine.device, dtype=input_dtype(ds_engine),
-                                          keep_images=keep_images, lockstep=ds_engine.zero_optimization_partition_weights(),
+                                          keep_images=keep_images, sync=ds_engine.zero_optimization_partition_weights(),
                                           progress=progress)
     predictions, truths = gather_to_main(predictions), gather_to_main(truths)
     metrics = [coco_map(predictions, truths, num_classes) if not dist.is_initialized() or dist.get_rank() == 0 else None]
