@@ -10,93 +10,98 @@ seed and as mean ± std.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from data_pipeline.decode import build_transform
-from data_pipeline.storage import write_atomic
-from pretrain.config import TransferConfig, dump_config, load_config
+from data_pipeline import storage
+from pretrain.config import LoopConfig, TransferConfig, dump_config, load_config
 from pretrain.datasets import LabeledImages, dataset_spec, dev_split, load_dataset
+from pretrain.detection.data import MapBatches
 from pretrain.distributed import DistInfo, init_distributed, print0, shutdown
-from pretrain.engine import build_engine, resolve_grad_accum, train_step
+from pretrain.evaluation import build_evaluator
 from pretrain.model_source import local_exported, provenance_tags
 from pretrain.objectives import build_objective
+from pretrain.perf import train_flops_per_sample
 from pretrain.tracked_data import log_transfer_dataset
 from pretrain.tracking import Tracker, build_tracker, failing_closes, seed_stats
+from pretrain.trainer import Trainer, TrainCheckpoint
 from pretrain.weights import load_exported
 
 METRICS = ("top1", "mean_per_class")
 
 
-def _batches(data: LabeledImages, *, batch_size: int, dist_info: DistInfo, seed: int, num_workers: int):
-    """Endless shuffled batches of this rank's share, reshuffled every epoch."""
-    if len(data) < batch_size * dist_info.world_size:
-        raise ValueError(f"{len(data)} training images are fewer than one global batch ({batch_size} x {dist_info.world_size} ranks)")
-    sampler = DistributedSampler(data, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True)
-    for epoch in itertools.count():
-        sampler.set_epoch(epoch)
-        yield from loader
+class Augmented(Dataset):
+    """`(epoch, index)` -> (image, label), the augmentation drawn from a generator seeded by
+    (seed, epoch, index): the same draws in any worker and after any resume."""
+
+    def __init__(self, data: LabeledImages, transform, seed: int):
+        self.data, self.transform, self.seed = data, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+            return self.transform(self.data.load(i)), int(self.data.labels[i])
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: LabeledImages, *, dist_info: DistInfo, batch_size: int) -> dict[str, float]:
-    """Top-1 and mean per-class accuracy; each rank scores a strided share, counts are summed.
+class EpochIndexed(MapBatches):
+    """MapBatches whose sampler hands out `(epoch, index)`, the key `Augmented` seeds from."""
 
-    Every rank runs the same number of batches (the last ones padded and ignored), as ZeRO-3's
-    forward passes need all ranks.
-    """
-    model.eval()
-    per_rank = math.ceil(len(data) / dist_info.world_size)
-    share = np.arange(dist_info.rank, len(data), dist_info.world_size)
-    padded = np.concatenate([share, np.zeros(per_rank - len(share), dtype=share.dtype)])
-    valid = torch.arange(per_rank) < len(share)
-    correct = torch.zeros(data.num_classes, dtype=torch.float64)
-    total = torch.zeros(data.num_classes, dtype=torch.float64)
-    param = next(model.parameters())
-    for i, (images, labels) in enumerate(DataLoader(data.subset(padded), batch_size=batch_size)):
-        keep = valid[i * batch_size : i * batch_size + len(labels)]
-        pred = model(images.to(param.device, param.dtype)).argmax(-1).cpu()
-        labels = labels[keep]
-        total += torch.bincount(labels, minlength=data.num_classes)
-        correct += torch.bincount(labels[pred[keep] == labels], minlength=data.num_classes)
-    dist.all_reduce(correct)
-    dist.all_reduce(total)
-    seen = total > 0
-    return {"top1": (correct.sum() / total.sum()).item(), "mean_per_class": (correct[seen] / total[seen]).mean().item()}
+    def _indices(self):
+        epoch, left = self.epoch, self.per_rank - self.taken * self.batch_size
+        for i in super()._indices():
+            yield epoch, i
+            left -= 1
+            if not left:
+                epoch, left = epoch + 1, self.per_rank
+
+
+def finetune_loop(cfg: TransferConfig, prefix: str) -> LoopConfig:
+    """The trainer's settings of one fine-tune: `cfg`'s, in its own folder (and mirror) `<data set>/<prefix>`."""
+    loop = {name: getattr(cfg, name) for name in LoopConfig.model_fields}
+    loop["output_dir"] = str(Path(cfg.output_dir) / cfg.data.name / prefix)
+    loop["remote_uri"] = storage.join_url(cfg.remote_uri, cfg.data.name, prefix) if cfg.remote_uri else None
+    return LoopConfig.model_validate(loop)
 
 
 def finetune(cfg: TransferConfig, *, model_path: Path, lr: float, seed: int, train: LabeledImages, test: LabeledImages,
              dist_info: DistInfo, tracker: Tracker, prefix: str) -> dict[str, float]:
-    """One fine-tuning run at `lr` from the exported weights; metrics logged under `prefix`."""
+    """One fine-tuning run at `lr` from the exported weights, resumable; metrics logged under `prefix/`."""
     torch.manual_seed(seed)
     model, meta = load_exported(model_path, image_size=cfg.data.image_size, num_classes=train.num_classes)  # zero D x K head
     model.train()
-    train.transform = build_transform(cfg.data.image_size, cfg.data.augment, meta["mean"], meta["std"])
-    test.transform = build_transform(cfg.data.image_size, "none", meta["mean"], meta["std"])
     micro = cfg.data.batch_size
-    accum = resolve_grad_accum(cfg.engine, micro_batch=micro, world_size=dist_info.world_size)
-    ds_engine = build_engine(build_objective("softmax_xent", model), optim=cfg.optim.model_copy(update={"lr": lr}),
-                             engine=cfg.engine, micro_batch=micro, grad_accum_steps=accum, total_steps=cfg.steps)
-    batches = _batches(train, batch_size=micro, dist_info=dist_info, seed=seed, num_workers=cfg.data.num_workers)
-    progress = tqdm(range(cfg.steps), desc=f"{prefix} lr={lr:g}", disable=not dist_info.is_main, mininterval=2)
-    for step in progress:
-        loss, metrics = train_step(ds_engine, [next(batches) for _ in range(accum)])
-        if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
-            tracker.log_metrics({f"{prefix}/loss": loss, f"{prefix}/train_accuracy": metrics["accuracy"]}, step=step + 1)
-            progress.set_postfix(loss=f"{loss:.3f}")
-    result = evaluate(ds_engine.module.backbone, test, dist_info=dist_info, batch_size=micro * 2)
-    tracker.log_metrics({f"{prefix}/{k}": v for k, v in result.items()}, step=cfg.steps)
-    return result
+    transform = build_transform(cfg.data.image_size, cfg.data.augment, meta["mean"], meta["std"])
+    data = EpochIndexed(Augmented(train, transform, seed), batch_size=micro, rank=dist_info.rank,
+                        world_size=dist_info.world_size, num_workers=cfg.data.num_workers, seed=seed)
+    test.transform = build_transform(cfg.data.image_size, "none", meta["mean"], meta["std"])
+    score = build_evaluator("classification", data=test, batch_size=micro * 2, rank=dist_info.rank,
+                            world_size=dist_info.world_size)
+    objective = build_objective("softmax_xent", model)
+    trainer = Trainer(objective, data=data, loop=finetune_loop(cfg, prefix), optim=cfg.optim.model_copy(update={"lr": lr}),
+                      engine=cfg.engine, micro_batch=micro, dist_info=dist_info, config=dump_config(cfg),
+                      evaluators=[score], flops_per_sample=train_flops_per_sample(objective, cfg.data.image_size),
+                      metric_prefix=f"{prefix}/", save_final=bool(cfg.ckpt_every), desc=f"{prefix} lr={lr:g}")
+    results = trainer.fit(tracker)
+    trainer.close()
+    return {k: results[k] for k in METRICS}
+
+
+def resumed_run_id(cfg: TransferConfig, dist_info: DistInfo) -> str | None:
+    """Collective: the MLflow run of the first fine-tune's checkpoint (local or on the mirror), if any."""
+    first = f"dev/lr_{cfg.lr_grid[0]:g}" if len(cfg.lr_grid) > 1 else "test/seed0"
+    loop = finetune_loop(cfg, first)
+    point = TrainCheckpoint(loop.output_dir, keep_last=loop.keep_last, rank=dist_info.rank, world_size=dist_info.world_size,
+                            remote_uri=loop.remote_uri, states={}, config={}).prepare()
+    return point.meta.get("run_id") if point is not None else None
 
 
 def choose_lr(cfg: TransferConfig, *, model_path: Path, train: LabeledImages, dist_info: DistInfo, tracker: Tracker) -> float:
@@ -126,14 +131,16 @@ def run(cfg: TransferConfig, dist_info: DistInfo) -> dict[str, float]:
         _, meta = load_exported(model_path)  # fail early on a bad model, and learn the source run
         train = load_dataset(cfg.data.name, cfg.data.root, "train")
         test = load_dataset(cfg.data.name, cfg.data.root, "test")
+        run_id = resumed_run_id(cfg, dist_info) if cfg.resume else None
         tracker = build_tracker(
             is_main=dist_info.is_main, tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
             run_name=cfg.tracking.run_name or f"transfer-{cfg.data.name}", parent_run_id=cfg.tracking.parent_run_id,
-            tags={"stage": "transfer", "dataset": cfg.data.name, **provenance_tags(meta, cfg.model)},
+            tags={"stage": "transfer", "dataset": cfg.data.name, **provenance_tags(meta, cfg.model)}, run_id=run_id,
         )
         with failing_closes(tracker):
-            tracker.log_params(dump_config(cfg) | {"world_size": dist_info.world_size, "train_images": len(train),
-                                                   "test_images": len(test), "num_classes": train.num_classes})
+            if run_id is None:
+                tracker.log_params(dump_config(cfg) | {"world_size": dist_info.world_size, "train_images": len(train),
+                                                       "test_images": len(test), "num_classes": train.num_classes})
             log_transfer_dataset(tracker, cfg.data.name, cfg.data.root, {"train": train, "test": test})
             lr = choose_lr(cfg, model_path=model_path, train=train, dist_info=dist_info, tracker=tracker)
             per_seed = [finetune(cfg, model_path=model_path, lr=lr, seed=seed, train=train, test=test, dist_info=dist_info,
@@ -144,7 +151,7 @@ def run(cfg: TransferConfig, dist_info: DistInfo) -> dict[str, float]:
     if dist_info.is_main:
         out = Path(cfg.output_dir) / cfg.data.name / "results.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, json.dumps({"model": cfg.model, "dataset": cfg.data.name, **summary}, indent=1).encode())
+        storage.write_atomic(out, json.dumps({"model": cfg.model, "dataset": cfg.data.name, **summary}, indent=1).encode())
         tracker.log_artifact(out)
     tracker.close()
     return summary

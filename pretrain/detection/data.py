@@ -207,9 +207,10 @@ class MapBatches:
             epoch, skip = epoch + 1, 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # The loader reads ahead; the state counts only the batches handed out.
+        # The loader reads ahead; the state counts only the batches handed out. Its own generator:
+        # starting it draws no number from the training RNG (a resume starts it at another step).
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_Sampler(self._indices),
-                            num_workers=self.num_workers, drop_last=True)
+                            num_workers=self.num_workers, drop_last=True, generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.taken += 1
             if self.taken * self.batch_size == self.per_rank:
