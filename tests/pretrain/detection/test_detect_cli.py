@@ -1,7 +1,6 @@
 """The real `python -m pretrain detect` on generated shapes: it learns, logs, checkpoints, resumes, exports."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from data_pipeline import storage
 from pretrain.detection.config import CocoSource, DetectConfig
 from pretrain.detection.data import DetectionTransform, eval_loader
 from pretrain.detection.evaluate import coco_map, predict
@@ -60,34 +60,21 @@ def test_short_run_learns_to_detect_shapes(tmp_path):
     assert coco_map(predictions, truths, 1)["map_50"] == pytest.approx(metrics["val_map_50"], abs=1e-4)
 
 
-@pytest.fixture
-def one_process_group(monkeypatch):
-    """A single-rank process group in this process, torn down with the launcher variables it set."""
-    from pretrain.distributed import init_distributed, shutdown
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for name, value in launcher.items():
-        monkeypatch.setenv(name, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield init_distributed()
-    shutdown()
-    torch.set_num_threads(threads)
-
-
-def test_frozen_backbone_checkpoints_and_resume(tmp_path, one_process_group):
+def test_frozen_backbone_with_ema_checkpoints_to_s3_and_resumes_on_a_fresh_folder(tmp_path, one_process_group, s3_server,
+                                                                                   monkeypatch):
     from pretrain.detection.run import build_objective, run
 
-    out = tmp_path / "run"
-    overrides = [f"train.output_dir={out}", "train.ckpt_every=2", "train.keep_last=3", "backbone.freeze_steps=2",
-                 f"data.train.dir={tmp_path / 'shapes_train'}", f"data.val.dir={tmp_path / 'shapes_val'}",
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    uri = f"s3://{s3_server.create_bucket('detect')}/run"
+    overrides = ["train.ckpt_every=2", "train.keep_last=3", "backbone.freeze_steps=2", "train.ema.decay=0.5",
+                 f"train.remote_uri={uri}", f"data.train.dir={tmp_path / 'shapes_train'}", f"data.val.dir={tmp_path / 'shapes_val'}",
                  "data.train.num_images=32", "data.val.num_images=8", "data.num_workers=0", "train.eval_at_start=false",
                  "train.plot_images=0", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    run(load_config(DetectConfig, TINY, [*overrides, "train.steps=4"]), one_process_group)
+    run(load_config(DetectConfig, TINY, [*overrides, f"train.output_dir={out}", "train.steps=4"]), one_process_group)
+    mirrored = storage.list_keys(f"{uri}/checkpoints")
+    assert {"latest", "step00000004/ema.json", "step00000004/ema_rank00000.safetensors", "step00000004/meta.json"} <= mirrored.keys()
 
     def weights(tag):  # ZeRO-1 keeps whole weights in the model-states file
         return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
@@ -104,9 +91,14 @@ def test_frozen_backbone_checkpoints_and_resume(tmp_path, one_process_group):
 
     meta = json.loads((out / "checkpoints" / "step00000004" / "meta.json").read_text())
     assert meta["data"]["taken"] == 0 and meta["data"]["epoch"] == 2, "32 images = 2 batches an epoch"
-    results = run(load_config(DetectConfig, TINY, [*overrides, "train.steps=6", "train.resume=true"]), one_process_group)
-    assert (out / "checkpoints" / "latest").read_text() == "step00000006"
+    # a machine without the run's folder: the checkpoint (weights, optimizer, EMA, data position) comes from S3
+    results = run(load_config(DetectConfig, TINY, [*overrides, f"train.output_dir={fresh}", "train.steps=6",
+                                                   "train.resume=true"]), one_process_group)
+    assert (fresh / "checkpoints" / "latest").read_text() == "step00000006"
+    assert json.loads((fresh / "checkpoints" / "step00000006" / "ema.json").read_text())["updates"] == 6  # resumed, not restarted
     assert {"val_map", "val_map_50", "loss"} <= results.keys()
+    assert storage.read_text(f"{uri}/checkpoints/latest") == "step00000006"
+    assert {"detector.safetensors", "detector.json"} <= storage.list_keys(f"{uri}/export").keys()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (logged,) = client.search_runs([client.get_experiment_by_name("vitscale-detect").experiment_id])
     assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_map_50")] == [4, 6], \
