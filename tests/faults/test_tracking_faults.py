@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,8 +23,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 (sqlite store); yields (uri, process)."""
+def killable_mlflow_server(_mlflow_template, tmp_path):
+    """A real `mlflow server` on 127.0.0.1 of this test alone (the session's shared one must not
+    be killed), over a copy of the session's empty store; yields (uri, process)."""
+    shutil.copy(_mlflow_template, tmp_path / "server.db")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1",
@@ -54,11 +57,11 @@ def test_an_unreachable_tracking_server_is_a_clear_error_at_start():
     assert time.monotonic() - start < 10
 
 
-def test_a_tracking_server_going_away_mid_run_costs_only_its_metrics(mlflow_server, caplog):
+def test_a_tracking_server_going_away_mid_run_costs_only_its_metrics(killable_mlflow_server, caplog):
     """the MLflow server killed mid-run | the metrics logged while it is away (dropped, not buffered) | one warning saying so; logging goes on without stalling the steps"""
     from mlflow.tracking import MlflowClient
 
-    uri, proc = mlflow_server
+    uri, proc = killable_mlflow_server
     tracker = build_tracker(is_main=True, tracking_uri=uri, experiment="away")
     for step in range(1, 4):
         tracker.log_metrics({"loss": 1.0 / step}, step=step)
