@@ -25,7 +25,7 @@ def test_features_once_per_data_set_one_l2_for_all(official, tiny_export, tracki
     assert results.l2_dev_accuracy[results.l2] == max(results.l2_dev_accuracy.values())
     assert set(results.accuracy) == {"cifar10", "digits"} and all(len(a) == 3 for t in results.accuracy.values() for a in t.values())
 
-    tracker = MLflowTracker(tracking_uri=tracking_uri, experiment="fs", run_name="fs")
+    tracker = MLflowTracker(tracking_uri=tracking_uri, experiment="fs", run_name="fs", system_metrics=False)
     metrics = log_fewshot(tracker, results, step=100)
     tracker.close()
     logged = MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).data.metrics
