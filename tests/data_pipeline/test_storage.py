@@ -244,18 +244,17 @@ def test_folder_upload_sends_only_what_is_missing_and_downloads_whole(s3, tmp_pa
         storage.download_file(f"s3://{bucket}/nope", tmp_path / "nope")
 
 
-@pytest.mark.parametrize("key", ["../../evil.txt", "/etc/evil", "a/../../evil"])
-def test_a_listed_key_that_leads_out_of_the_folder_is_refused(s3, tmp_path, key):
+def test_a_listed_key_that_leads_out_of_the_folder_is_refused(s3, tmp_path):
     from data_pipeline import storage
 
-    with pytest.raises(ValueError, match="outside"):
-        storage.safe_join(tmp_path / "dest", key)
+    for key in ("../../evil.txt", "/etc/evil", "a/../../evil", "C:\\evil", ""):
+        with pytest.raises(ValueError, match="outside"):
+            storage.safe_join(tmp_path / "dest", key)
+    assert storage.safe_join(tmp_path, "zero/a.pt") == tmp_path / "zero" / "a.pt"
     bucket = s3.create_bucket("hostile")
     s3.client().put_object(Bucket=bucket, Key="ckpt/ok.pt", Body=b"ok")
-    s3.client().put_object(Bucket=bucket, Key="ckpt/" + key.lstrip("/"), Body=b"evil")
-    listed = storage.list_keys(f"s3://{bucket}/ckpt")
-    if all(".." not in k for k in listed):
-        pytest.skip("the server normalised the key")
+    s3.client().put_object(Bucket=bucket, Key="ckpt/../../evil.txt", Body=b"evil")  # S3 keys are any string
+    assert "../../evil.txt" in storage.list_keys(f"s3://{bucket}/ckpt")
     with pytest.raises(ValueError, match="outside"):
         storage.download_dir(f"s3://{bucket}/ckpt", tmp_path / "dest" / "step1")
     assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
