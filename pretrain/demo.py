@@ -91,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute only this baseline row and print it")
 
 
+def export_metrics(parent: MLflowTracker, exported: Path) -> dict[str, float]:
+    """The metrics of the pretraining run that wrote `exported` (its sidecar names the run)."""
+    run_id = json.loads(exported.with_suffix(".json").read_text()).get("run_id")
+    return parent.client.get_run(run_id).data.metrics if run_id else {}
+
+
 def child_metrics(parent: MLflowTracker) -> dict[str, dict[str, float]]:
     """Each child run's metrics by run name."""
     client = parent.client
@@ -141,7 +147,12 @@ def run_stages(args: argparse.Namespace, out: Path, shards: Path, parent_id: str
     for name, model in (("pretrained", exported), ("twin", twin)):
         commands[f"fewshot-{name}"] = fewshot_argv(model, uri=uri, run_name=f"fewshot-{name}")
         commands[f"transfer-{name}"] = transfer_argv(model, output_dir=out / f"transfer-{name}", uri=uri, run_name=f"transfer-{name}")
-    for argv in commands.values():
+    done = {"pretrain": exported, "transfer-pretrained": out / "transfer-pretrained" / "digits" / "results.json",
+            "transfer-twin": out / "transfer-twin" / "digits" / "results.json"}
+    for key, argv in commands.items():
+        if key in done and done[key].is_file():
+            print(f"\n$ {_command(argv)}\n  (done before: {done[key]} is there; delete it to run this stage again)", flush=True)
+            continue
         run_stage(argv, parent_id)
     return commands
 
@@ -151,7 +162,7 @@ def table_rows(args: argparse.Namespace, out: Path, commands: dict[str, list[str
     demo_row = lambda name: f"python -m pretrain demo --row {name} --fmnist-root {args.fmnist_root}"  # noqa: E731
     rows = [
         Row("Fashion-MNIST val top-1   logistic regression on pixels", pixels["pixels-fmnist"], demo_row("pixels-fmnist")),
-        Row("Fashion-MNIST val top-1   ViT pretrained", runs.get("pretrain-fmnist", {}).get("val_accuracy"),
+        Row("Fashion-MNIST val top-1   ViT pretrained", runs["pretrain-fmnist"].get("val_accuracy"),
             _command(commands["pretrain"])),
         Row("digits test top-1         logistic regression on pixels", pixels["pixels-digits"], demo_row("pixels-digits")),
         Row("digits test top-1         fine-tune from scratch (twin)", transfer_top1(out / "transfer-twin"),
@@ -185,7 +196,8 @@ def main(args: argparse.Namespace) -> int:
     parent = MLflowTracker(tracking_uri=args.tracking_uri, experiment="vitscale-demo", run_name="demo", tags={"stage": "demo"})
     commands = run_stages(args, out, shards, parent.run_id)
     pixels = {key: pixel_logreg(key.removeprefix("pixels-"), args.fmnist_root) for key in ("pixels-fmnist", "pixels-digits")}
-    rows = table_rows(args, out, commands, child_metrics(parent), pixels)
+    runs = child_metrics(parent) | {"pretrain-fmnist": export_metrics(parent, out / "pretrain" / "export" / "model.safetensors")}
+    rows = table_rows(args, out, commands, runs, pixels)
     wall = time.time() - start
     load = os.getloadavg()
     parent.log_metrics({"wall_time_s": wall})
