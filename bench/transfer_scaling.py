@@ -31,8 +31,9 @@ def _fewshot(parent: MLflowTracker, run_name: str, shots: int) -> float:
 def measure_size(n: int, *, out: Path, args: argparse.Namespace, parent: MLflowTracker) -> dict[str, float]:
     """Pretrain on the first `n` images, then few-shot and fine-tune the export on digits."""
     shards = out / f"shards-{n}"
-    demo.write_shards(args.fmnist_root, shards, {"train": n, "test": demo.SPLITS["test"]})
-    last = -(-n // demo.SAMPLES_PER_SHARD) - 1
+    per_shard = min(demo.SAMPLES_PER_SHARD, n // 8)  # enough shards for every rank's loader workers
+    demo.write_shards(args.fmnist_root, shards, {"train": n, "test": demo.SPLITS["test"]}, per_shard)
+    last = -(-n // per_shard) - 1
     uri = args.tracking_uri
     demo.run_stage(demo.pretrain_argv(shards=shards, train_urls=f"train-{{000000..{last:06d}}}.tar", output_dir=out / f"pretrain-{n}",
                                       nproc=args.nproc, uri=uri, run_name=f"pretrain-{n}"), parent.run_id)

@@ -41,7 +41,8 @@ class Row:
     command: str
 
 
-def write_shards(fmnist_root: str, out: Path, splits: dict[str, int] = SPLITS) -> None:
+def write_shards(fmnist_root: str, out: Path, splits: dict[str, int] = SPLITS,
+                 samples_per_shard: int = SAMPLES_PER_SHARD) -> None:
     """The first `splits[name]` images of each Fashion-MNIST split as shards, unless a complete set is there."""
     try:
         have = {name: split["num_samples"] for name, split in read_info(out)["splits"].items()}
@@ -50,7 +51,7 @@ def write_shards(fmnist_root: str, out: Path, splits: dict[str, int] = SPLITS) -
     for split, n in splits.items():
         if have.get(split) != n:
             write_split(sources.fashion_mnist(fmnist_root, split, limit=n), out, prefix=split, split=split,
-                        samples_per_shard=SAMPLES_PER_SHARD, class_names=sources.FASHION_MNIST_CLASSES, total=n)
+                        samples_per_shard=samples_per_shard, class_names=sources.FASHION_MNIST_CLASSES, total=n)
 
 
 def _pixels(dataset: str, fmnist_root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
