@@ -276,6 +276,8 @@ class Checkpointer:
         ranks, convert it to DeepSpeed's universal form (once; kept beside it)."""
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
+            for stale in [*self.root.glob(".tmp-step*"), *self.root.glob(".old-step*")]:  # saves cut by a kill
+                shutil.rmtree(stale, ignore_errors=True)
             if self.remote_uri and not (self.root / LATEST).is_file():
                 self._fetch_remote()
             tag = self.latest_tag()

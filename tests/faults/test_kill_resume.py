@@ -36,8 +36,16 @@ def logged_step(db: Path) -> int:
         return 0
 
 
+def ranks_of(proc: subprocess.Popen) -> dict[str, psutil.Process]:
+    """torchrun's children are the ranks (their loader workers are grandchildren)."""
+    try:
+        return {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
+    except psutil.Error:  # a child exiting while it is read
+        return {}
+
+
 def kill_random_rank(proc: subprocess.Popen, rng: random.Random) -> int:
-    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
+    ranks = ranks_of(proc)
     rank = rng.choice(sorted(ranks))
     ranks[rank].send_signal(signal.SIGKILL)
     proc.wait(timeout=120)
@@ -79,11 +87,11 @@ def test_kill9_of_a_random_rank_at_five_random_steps(small_shards, tmp_path):
     for k in range(KILLS):
         start = max(check_latest(ckpts), logged_step(db))
         proc = launch(args, log, env)
-        if k == during_save:
-            wait_for(proc, lambda: any(ckpts.glob(".tmp-step*/*")), log)
+        if k == during_save:  # a save in progress: its temp folder has files (stale ones are removed at resume)
+            wait_for(proc, lambda: len(ranks_of(proc)) == 2 and logged_step(db) > start and any(ckpts.glob(".tmp-step*/*")), log)
         else:
             target = rng.randint(start + 1, min(start + CKPT + 1, STEPS - 1))
-            wait_for(proc, lambda: logged_step(db) >= target, log)
+            wait_for(proc, lambda: len(ranks_of(proc)) == 2 and logged_step(db) >= target, log)
         before = sorted(p.name for p in ckpts.glob("step*"))
         rank = kill_random_rank(proc, rng)
         kills.append((rank, logged_step(db), check_latest(ckpts)))
