@@ -17,27 +17,6 @@ from pretrain.config import EngineConfig, OptimConfig
 from tests.fixtures.s3_server import DroppingProxy
 
 
-@pytest.fixture
-def one_process_group(monkeypatch):
-    """A single-rank gloo process group in this process, torn down with the variables it set."""
-    from pretrain.distributed import init_distributed, shutdown
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(name, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield init_distributed()
-    shutdown()
-    import deepspeed.utils.groups
-
-    deepspeed.utils.groups._WORLD_GROUP = None  # DeepSpeed caches a clone of the destroyed group
-    torch.set_num_threads(threads)
-
-
 class TinyObjective(torch.nn.Module):
     """A backbone with a BatchNorm (buffers) and a loss: the smallest thing DeepSpeed trains."""
 
@@ -51,7 +30,8 @@ class TinyObjective(torch.nn.Module):
 
 @pytest.fixture
 def tiny_engine(one_process_group):
-    """`step()` trains one step of a real DeepSpeed ZeRO-1 engine; `.engine` is the engine."""
+    """A real DeepSpeed ZeRO-1 engine on the single-rank group (tests/fixtures/process_group.py);
+    `train_one()` trains it one step."""
     from pretrain.engine import build_engine
 
     torch.manual_seed(0)
