@@ -3,7 +3,7 @@
     python bench/engine_overhead.py [--steps 8] [--nproc 2] [--precision bf16|fp32]
 
 1. Step time, ViT-Ti/16 at 224 px, micro-batch 16 per rank, 2 ranks, bf16: our engine
-   (`pretrain.engine.train_step` at ZeRO-2: DeepSpeed's bf16 optimizer with fp32 master,
+   (`pretrain.engine.deepspeed_engine.train_step` at ZeRO-2: DeepSpeed's bf16 optimizer with fp32 master,
    clipping at 1) against DDP + `torch.autocast(bfloat16)` + clipping + AdamW, on the same
    batches. Steps alternate between the two, so a busy machine slows both alike; medians.
    Goal: ours / DDP <= 1.05. `--precision fp32` compares fp32 to fp32 instead, for CPUs
@@ -13,7 +13,7 @@
    (ZeRO-3: its partition) plus every tensor of the optimizer (fp32 master partitions,
    Adam moments), each storage counted once. Goal: ZeRO-3 <= 0.55 x ZeRO-0.
 3. On a GPU: ViT-L/16 bf16 samples/s and MFU of our engine (ZeRO-2, micro-batch 64 per GPU,
-   every GPU of the machine), peak FLOP/s from pretrain.perf's table.
+   every GPU of the machine), peak FLOP/s from pretrain.engine.perf's table.
 
 Re-launches itself under torchrun when not started by a launcher. The last line is
 `RESULT step_overhead=<x> zero3_mem_ratio=<y>` (plus vit_l16_samples_per_s and vit_l16_mfu
@@ -56,7 +56,7 @@ def build(name: str, device, **kwargs):
 
 def engine(objective, *, stage: int, precision: str, micro: int):
     from pretrain.config import EngineConfig, OptimConfig
-    from pretrain.engine import build_engine
+    from pretrain.engine.deepspeed_engine import build_engine
 
     return build_engine(objective, optim=OptimConfig(lr=1e-4, weight_decay=0.05, decay="constant"),
                         engine=EngineConfig(zero_stage=stage, precision=precision, grad_clip=1.0),
@@ -67,7 +67,7 @@ def step_overhead(info, *, steps: int, precision: str, micro: int = 16) -> tuple
     """Median step seconds of our engine and of DDP, alternating, on the same batches."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from pretrain.engine import train_step
+    from pretrain.engine.deepspeed_engine import train_step
 
     g = torch.Generator().manual_seed(1 + info.rank)
     batches = [(torch.randn(micro, 3, 224, 224, generator=g), torch.randint(0, 1000, (micro,), generator=g)) for _ in range(4)]
@@ -124,7 +124,7 @@ def held_bytes(ds_engine) -> int:
 
 
 def zero_memory(info, *, micro: int = 2) -> dict[int, int]:
-    from pretrain.engine import train_step
+    from pretrain.engine.deepspeed_engine import train_step
 
     out = {}
     images, targets = torch.randn(micro, 3, 224, 224), torch.randint(0, 1000, (micro,))
@@ -139,8 +139,8 @@ def zero_memory(info, *, micro: int = 2) -> dict[int, int]:
 
 
 def vit_l16_throughput(info, *, steps: int, micro: int = 64) -> tuple[float, float | None]:
-    from pretrain.engine import train_step
-    from pretrain.perf import device_peak_flops, mfu, train_flops_per_sample
+    from pretrain.engine.deepspeed_engine import train_step
+    from pretrain.engine.perf import device_peak_flops, mfu, train_flops_per_sample
 
     objective = build("vit_l16", info.device)
     flops = train_flops_per_sample(objective, 224)
@@ -167,7 +167,7 @@ def main() -> None:
                __file__, "--steps", str(args.steps), "--precision", args.precision]
         sys.exit(subprocess.call(cmd, env=env))
 
-    from pretrain.distributed import init_distributed, print0, shutdown
+    from pretrain.engine.distributed import init_distributed, print0, shutdown
 
     info = init_distributed()
     try:

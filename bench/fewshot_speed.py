@@ -24,10 +24,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pretrain.fewshot import FeatureSet, sample_shots
-from pretrain.fewshot_cli import fewshot_features, score_fewshot
+from pretrain.evaluation.fewshot_ridge import FeatureSet, sample_shots
+from pretrain.tasks.fewshot import fewshot_features, score_fewshot
 from pretrain.models import build_model
-from pretrain.weights import load_exported
+from pretrain.checkpoint.weights import load_exported
 
 DEMO_EXPORT = Path("demo_out/pretrain/export/model.safetensors")
 

@@ -37,11 +37,11 @@ from data_pipeline.config import DataConfig  # noqa: E402
 from data_pipeline.decode import normalize_batch  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from pretrain.config import EngineConfig, OptimConfig  # noqa: E402
-from pretrain.distributed import init_distributed, shutdown  # noqa: E402
-from pretrain.engine import build_engine, build_partitioned, compile_blocks, train_step  # noqa: E402
+from pretrain.engine.distributed import init_distributed, shutdown  # noqa: E402
+from pretrain.engine.deepspeed_engine import build_engine, build_partitioned, compile_blocks, train_step  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.objectives import build_objective  # noqa: E402
-from pretrain.perf import device_peak_flops, fused_attention, mfu, train_flops_per_sample  # noqa: E402
+from pretrain.engine.perf import device_peak_flops, fused_attention, mfu, train_flops_per_sample  # noqa: E402
 
 
 @dataclass(frozen=True)

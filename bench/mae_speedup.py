@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.models import build_model  # noqa: E402
 from pretrain.objectives import build_objective  # noqa: E402
-from pretrain.perf import train_flops_per_sample  # noqa: E402
+from pretrain.engine.perf import train_flops_per_sample  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -20,8 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from pretrain import demo
-from pretrain.tracking import MLflowTracker
+from pretrain.tasks import demo
+from pretrain.tracking.tracker import MLflowTracker
 
 
 def _fewshot(parent: MLflowTracker, run_name: str, shots: int) -> float:

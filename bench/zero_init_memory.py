@@ -43,8 +43,8 @@ def build_and_measure(model: str, precision: str, zero_init: bool) -> None:
     import torch.distributed as dist
 
     from pretrain.config import EngineConfig, OptimConfig
-    from pretrain.distributed import init_distributed, shutdown
-    from pretrain.engine import build_engine, build_partitioned
+    from pretrain.engine.distributed import init_distributed, shutdown
+    from pretrain.engine.deepspeed_engine import build_engine, build_partitioned
     from pretrain.models import build_model
     from pretrain.objectives import build_objective
 

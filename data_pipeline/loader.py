@@ -28,7 +28,7 @@ class DeviceLoader(StreamLoader):
 
 
 def default_device() -> torch.device:
-    """The rank's accelerator (pretrain.distributed sets the current CUDA device), else the CPU."""
+    """The rank's accelerator (pretrain.engine.distributed sets the current CUDA device), else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

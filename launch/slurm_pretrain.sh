@@ -60,7 +60,7 @@ first_node="${nodes%%$'\n'*}"
 master_addr="$(scontrol show node -o "$first_node" | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')"
 export MASTER_ADDR="${master_addr:-$first_node}"
 export MASTER_PORT="${VITSCALE_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"
-# One rank per task: pretrain/distributed.py reads SLURM_PROCID, SLURM_NTASKS and
+# One rank per task: pretrain/engine/distributed.py reads SLURM_PROCID, SLURM_NTASKS and
 # SLURM_LOCALID in each task, unless torchrun-style variables are set, which a submitting
 # shell may have left in the environment sbatch copies.
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE

@@ -12,15 +12,15 @@ from data_pipeline.errors import run_cli
 
 # Imported lazily: `python -m pretrain fewshot` should not pay for DeepSpeed's import.
 COMMANDS = {
-    "train": ("pretrain.train", "pretrain a model from a YAML recipe (DeepSpeed ZeRO)"),
-    "export": ("pretrain.export", "export a training checkpoint to one safetensors file"),
-    "twin": ("pretrain.twin", "the random-init twin of an exported model (a baseline)"),
-    "fewshot": ("pretrain.fewshot_cli", "few-shot linear evaluation of an exported model"),
-    "transfer": ("pretrain.transfer", "fine-tune an exported model on a labelled data set"),
-    "report": ("pretrain.report", "table of transfer and few-shot results from MLflow"),
+    "train": ("pretrain.tasks.pretrain", "pretrain a model from a YAML recipe (DeepSpeed ZeRO)"),
+    "export": ("pretrain.checkpoint.export", "export a training checkpoint to one safetensors file"),
+    "twin": ("pretrain.checkpoint.twin", "the random-init twin of an exported model (a baseline)"),
+    "fewshot": ("pretrain.tasks.fewshot", "few-shot linear evaluation of an exported model"),
+    "transfer": ("pretrain.tasks.finetune", "fine-tune an exported model on a labelled data set"),
+    "report": ("pretrain.tasks.report", "table of transfer and few-shot results from MLflow"),
     "analyze": ("pretrain.analysis.cli", "attention distance, CKA and attention maps of a model"),
-    "detect": ("pretrain.detection.cli", "DETR-style detection transfer of a pretrained backbone"),
-    "demo": ("pretrain.demo", "the whole path on Fashion-MNIST and digits, on CPU"),
+    "detect": ("pretrain.tasks.detection.cli", "DETR-style detection transfer of a pretrained backbone"),
+    "demo": ("pretrain.tasks.demo", "the whole path on Fashion-MNIST and digits, on CPU"),
 }
 
 

@@ -45,7 +45,7 @@ class EngineConfig(_Strict):
                                      "global_batch / (data.batch_size x ranks), which must divide evenly")
     grad_clip: float = Field(1.0, ge=0)
     deepspeed_json: str | None = None
-    # GPU settings (pretrain.engine.deepspeed_config); None leaves DeepSpeed's own default.
+    # GPU settings (pretrain.engine.deepspeed_engine.deepspeed_config); None leaves DeepSpeed's own default.
     zero_init: bool = Field(True, description="ZeRO-3: build the model under deepspeed.zero.Init, each parameter "
                             "partitioned as its module is built, so no rank holds the whole fp32 model")
     grad_accum_dtype: Literal["fp32", "bf16"] | None = Field(None, description="data_types.grad_accum_dtype: fp32 "

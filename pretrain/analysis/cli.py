@@ -17,8 +17,8 @@ from pretrain.analysis.cka import ESTIMATORS
 from pretrain.analysis.plots import plot_attention_distance, plot_cka, plot_rollout
 from pretrain.analysis.run import MIN_CKA_BATCH, Analysis, Subject, analyze, batched, iter_shard_images
 from pretrain.config import TrackingConfig
-from pretrain.model_source import SOURCE_HELP, local_exported
-from pretrain.tracking import build_tracker, failing_closes
+from pretrain.checkpoint.model_source import SOURCE_HELP, local_exported
+from pretrain.tracking.tracker import build_tracker, failing_closes
 
 TIMM_PREFIX = "timm:"
 
@@ -53,7 +53,7 @@ def load_subject(spec: str, *, image_size: int | None, device: str, tracking_uri
         model = timm.create_model(name, pretrained=False, num_classes=0)
         cfg = model.pretrained_cfg
         return Subject(name, model, image_size or cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
-    from pretrain.weights import load_exported
+    from pretrain.checkpoint.weights import load_exported
 
     with local_exported(spec, tracking_uri=tracking_uri) as path:  # a file, s3://, runs:/, models:/
         model, meta = load_exported(path, device=device)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from pretrain.datasets import LabeledImages
-from pretrain.engine import BACKBONE, to_device
+from pretrain.engine.deepspeed_engine import BACKBONE, to_device
 from pretrain.evaluation.common import Evaluator, lockstep, register
 
 

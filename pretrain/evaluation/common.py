@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from pretrain.tracking import Tracker
+from pretrain.tracking.tracker import Tracker
 
 EVALUATORS: dict[str, type["Evaluator"]] = {}
 

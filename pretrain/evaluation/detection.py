@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pretrain.detection.evaluate import coco_map, gather_to_main, plot_predictions, predict
-from pretrain.engine import input_dtype
+from pretrain.tasks.detection.evaluate import coco_map, gather_to_main, plot_predictions, predict
+from pretrain.engine.deepspeed_engine import input_dtype
 from pretrain.evaluation.common import Evaluator, register
 
 

@@ -6,9 +6,9 @@ from typing import Callable
 import torch.nn as nn
 
 from pretrain.config import FewshotHookConfig
-from pretrain.engine import BACKBONE, eval_copy
+from pretrain.engine.deepspeed_engine import BACKBONE, eval_copy
 from pretrain.evaluation.common import Evaluator, register
-from pretrain.tracking import NullTracker
+from pretrain.tracking.tracker import NullTracker
 
 
 @register("fewshot")
@@ -22,7 +22,7 @@ class Fewshot(Evaluator):
         self.image_size, self.mean, self.std = image_size, mean, std
 
     def run(self, ds_engine, *, step, final, tracker) -> dict[str, float]:
-        from pretrain.fewshot_cli import evaluate_fewshot, log_fewshot, parse_datasets
+        from pretrain.tasks.fewshot import evaluate_fewshot, log_fewshot, parse_datasets
 
         backbone = eval_copy(getattr(ds_engine.module, BACKBONE), self.build_backbone, is_main=self.is_main, device=ds_engine.device)
         if backbone is None:

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.stream import StreamLoader
-from pretrain.engine import to_device
+from pretrain.engine.deepspeed_engine import to_device
 from pretrain.evaluation.common import Evaluator, lockstep, register
 
 

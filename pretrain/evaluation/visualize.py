@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from pretrain.engine import eval_copy
+from pretrain.engine.deepspeed_engine import eval_copy
 from pretrain.evaluation.common import Evaluator, register
 
 

@@ -1,7 +1,7 @@
 """Everything that resumes, behind one object (torchtitan's CheckpointManager over `Stateful`s).
 
 The engine (model, optimizer, lr schedule: DeepSpeed's own files), the sharded EMA and each
-rank's RNG are written by `pretrain.checkpoint.Checkpointer`, locally and to the S3 mirror;
+rank's RNG are written by `pretrain.checkpoint.checkpointer.Checkpointer`, locally and to the S3 mirror;
 every other `Stateful` (the data stream, ...) goes into the checkpoint's `meta.json` under its
 name, beside the run's config and MLflow run id. A task never touches checkpoint files.
 """
@@ -13,8 +13,8 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from data_pipeline import storage
-from pretrain.checkpoint import Checkpointer, ResumePoint
-from pretrain.ema import ShardedEMA
+from pretrain.checkpoint.checkpointer import Checkpointer, ResumePoint
+from pretrain.engine.ema import ShardedEMA
 
 
 class Stateful(Protocol):

@@ -19,12 +19,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pretrain.config import EngineConfig, LoopConfig, OptimConfig
-from pretrain.distributed import DistInfo, print0
-from pretrain.ema import ShardedEMA
-from pretrain.engine import build_engine, resolve_grad_accum, train_step
+from pretrain.engine.distributed import DistInfo, print0
+from pretrain.engine.ema import ShardedEMA
+from pretrain.engine.deepspeed_engine import build_engine, resolve_grad_accum, train_step
 from pretrain.evaluation.common import Evaluator
-from pretrain.perf import device_peak_flops, mfu
-from pretrain.tracking import Tracker
+from pretrain.engine.perf import device_peak_flops, mfu
+from pretrain.tracking.tracker import Tracker
 from pretrain.trainer.checkpointing import Stateful, TrainCheckpoint
 
 

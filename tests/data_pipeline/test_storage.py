@@ -277,8 +277,8 @@ def test_one_client_per_process_while_a_checkpoint_and_an_export_upload_run_at_o
     import botocore.session
 
     from data_pipeline import storage
-    from pretrain.checkpoint import upload_checkpoint
-    from pretrain.export import upload_exported
+    from pretrain.checkpoint.checkpointer import upload_checkpoint
+    from pretrain.checkpoint.export import upload_exported
 
     bucket = s3.create_bucket("threads")
     made = []

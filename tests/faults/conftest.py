@@ -32,7 +32,7 @@ class TinyObjective(torch.nn.Module):
 def tiny_engine(one_process_group):
     """A real DeepSpeed ZeRO-1 engine on the single-rank group (tests/fixtures/process_group.py);
     `train_one()` trains it one step."""
-    from pretrain.engine import build_engine
+    from pretrain.engine.deepspeed_engine import build_engine
 
     torch.manual_seed(0)
     engine = build_engine(TinyObjective(), optim=OptimConfig(lr=1e-2), engine=EngineConfig(zero_stage=1),

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from pretrain.checkpoint import Checkpointer
+from pretrain.checkpoint.checkpointer import Checkpointer
 
 META = {"config": {"tracking": {"tracking_uri": "http://alice:hunter2@mlflow.example:5000"}}, "data": {}}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from pretrain.checkpoint import verify_files
+from pretrain.checkpoint.checkpointer import verify_files
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, CKPT, KILLS = 16, 3, 5

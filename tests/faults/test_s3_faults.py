@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from data_pipeline import storage
-from pretrain.checkpoint import Checkpointer, upload_checkpoint
+from pretrain.checkpoint.checkpointer import Checkpointer, upload_checkpoint
 
 PART = 5 << 20  # S3's smallest part
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from pretrain.tracking import build_tracker
+from pretrain.tracking.tracker import build_tracker
 
 
 def free_port() -> int:

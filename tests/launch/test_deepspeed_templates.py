@@ -45,8 +45,8 @@ def _train_each_template() -> list[dict]:
     import torch.nn as nn
 
     from pretrain.config import EngineConfig, OptimConfig
-    from pretrain.distributed import init_distributed, shutdown
-    from pretrain.engine import build_engine, train_step
+    from pretrain.engine.distributed import init_distributed, shutdown
+    from pretrain.engine.deepspeed_engine import build_engine, train_step
 
     class Tiny(nn.Module):
         def __init__(self):

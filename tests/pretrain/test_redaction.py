@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from pretrain.redaction import redact, redact_url
-from pretrain.tracking import build_tracker
+from pretrain.tracking.redaction import redact, redact_url
+from pretrain.tracking.tracker import build_tracker
 
 SIGNED = "https://bucket.s3.amazonaws.com/train-000000.tar?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=deadbeef"
 

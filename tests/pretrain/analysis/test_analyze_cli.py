@@ -12,7 +12,7 @@ from PIL import Image
 from data_pipeline.sample import Sample
 from data_pipeline.writer import write_split
 from pretrain.__main__ import main
-from pretrain.export import save_exported
+from pretrain.checkpoint.export import save_exported
 from pretrain.models import build_model
 
 

@@ -1,4 +1,4 @@
-"""Several training runs in one launch: `pretrain.train.run` once per `--job`, in one process group.
+"""Several training runs in one launch: `pretrain.tasks.pretrain.run` once per `--job`, in one process group.
 
     python -m tests.pretrain.engine.multirun --config C --job "k=v k=v" --job "k=v" ...
 
@@ -14,8 +14,8 @@ import shlex
 import torch.distributed as dist
 
 from pretrain.config import PretrainConfig, load_config
-from pretrain.distributed import init_distributed, print0, shutdown
-from pretrain.train import run
+from pretrain.engine.distributed import init_distributed, print0, shutdown
+from pretrain.tasks.pretrain import run
 
 
 def main() -> None:

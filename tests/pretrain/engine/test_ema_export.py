@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from pretrain.ema import ShardedEMA
-from pretrain.export import export_checkpoint, load_exported
+from pretrain.engine.ema import ShardedEMA
+from pretrain.checkpoint.export import export_checkpoint, load_exported
 from pretrain.models import build_model
 from pretrain.objectives import build_objective
 

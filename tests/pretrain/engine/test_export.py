@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipeline import storage
-from pretrain.export import consolidated_state_dict, export_checkpoint, load_exported, weights_source
+from pretrain.checkpoint.export import consolidated_state_dict, export_checkpoint, load_exported, weights_source
 from tests.pretrain.engine.conftest import STEPS
 
 TAG = f"step{STEPS:08d}"

@@ -10,7 +10,7 @@ import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from pretrain.config import EngineConfig, PretrainConfig, load_config
-from pretrain.engine import deepspeed_config
+from pretrain.engine.deepspeed_engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[3]
 GPU_RECIPES = sorted(p for p in (REPO / "configs/pretrain").glob("*.yaml") if not p.name.startswith("demo"))

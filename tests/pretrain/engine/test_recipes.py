@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import EngineConfig, PretrainConfig, load_config
-from pretrain.engine import resolve_grad_accum
+from pretrain.engine.deepspeed_engine import resolve_grad_accum
 from pretrain.models import MODELS
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "pretrain"

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from pretrain.checkpoint import to_universal
-from pretrain.ema import consolidated_ema
+from pretrain.checkpoint.checkpointer import to_universal
+from pretrain.engine.ema import consolidated_ema
 from tests.pretrain.engine.conftest import CKPT, STEPS
 
 

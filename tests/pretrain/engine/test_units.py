@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pretrain.config import EngineConfig, OptimConfig
-from pretrain.ema import ShardedEMA, consolidated_ema, shard_range
-from pretrain.engine import deepspeed_config, param_groups
+from pretrain.engine.ema import ShardedEMA, consolidated_ema, shard_range
+from pretrain.engine.deepspeed_engine import deepspeed_config, param_groups
 from pretrain.models import build_model
 from pretrain.objectives import build_objective
-from pretrain.schedule import lr_multiplier
+from pretrain.engine.schedule import lr_multiplier
 
 
 def test_deepspeed_config_from_the_typed_config_with_a_raw_json_override(tmp_path):

@@ -82,8 +82,8 @@ def test_logged_metrics_and_mfu(runs, zero_runs):
 
 
 def test_fewshot_hook_scores_the_trained_zero3_backbone(runs, zero_runs):
-    from pretrain.export import load_exported
-    from pretrain.fewshot_cli import evaluate_fewshot
+    from pretrain.checkpoint.export import load_exported
+    from pretrain.tasks.fewshot import evaluate_fewshot
 
     history = runs.history("zero3", "fewshot/digits/10shot")
     assert list(history) == [STEPS]

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import EngineConfig, PretrainConfig, load_config
-from pretrain.distributed import init_distributed, shutdown
-from pretrain.engine import build_partitioned, full_state_dict
+from pretrain.engine.distributed import init_distributed, shutdown
+from pretrain.engine.deepspeed_engine import build_partitioned, full_state_dict
 from pretrain.models import build_model
 from pretrain.objectives import build_objective
-from pretrain.train import run
+from pretrain.tasks.pretrain import run
 
 # case -> (registry name, objective or None, build_model arguments)
 CASES = {

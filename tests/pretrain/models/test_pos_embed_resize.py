@@ -6,7 +6,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from pretrain.models import build_model
 from pretrain.models.posembed import resize_pos_embed_in_state_dict
 from pretrain.models.vit import axial_pos_grid
-from pretrain.weights import build_from_state_dict
+from pretrain.checkpoint.weights import build_from_state_dict
 
 
 def _resized(options: dict, new_img_size: int = 44, **extra):

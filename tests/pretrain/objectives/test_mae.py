@@ -111,7 +111,7 @@ def test_a_mask_ratio_that_keeps_no_patch_is_refused():
 
 def test_flops_count_the_encoder_on_the_visible_tokens_only():
     from pretrain.models import flops_per_image
-    from pretrain.perf import train_flops_per_sample
+    from pretrain.engine.perf import train_flops_per_sample
 
     with torch.device("meta"):  # ViT-L/16 and the recipe's 8 x 512 decoder, no memory
         backbone = build_model("vit_l16", num_classes=1000)

@@ -10,9 +10,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from pretrain.export import load_exported
-from pretrain.fewshot import DEFAULT_L2
-from pretrain.fewshot_cli import evaluate_fewshot
+from pretrain.checkpoint.export import load_exported
+from pretrain.evaluation.fewshot_ridge import DEFAULT_L2
+from pretrain.tasks.fewshot import evaluate_fewshot
 from pretrain.models import build_model
 
 CONFIG = "configs/pretrain/demo_mae.yaml"

@@ -7,7 +7,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from pretrain.tracking import build_tracker
+from pretrain.tracking.tracker import build_tracker
 
 
 def _rank(rank: int, port: int, uri: str) -> None:

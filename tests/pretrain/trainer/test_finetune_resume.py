@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline import storage
 from pretrain.config import TransferConfig, load_config
-from pretrain.transfer import run
+from pretrain.tasks.finetune import run
 from tests.pretrain.conftest import REPO
 from tests.pretrain.transfer.conftest import export_tiny_model
 

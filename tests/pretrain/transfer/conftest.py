@@ -16,7 +16,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from pretrain.export import save_exported
+from pretrain.checkpoint.export import save_exported
 from pretrain.models import build_model
 
 

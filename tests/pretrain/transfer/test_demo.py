@@ -5,8 +5,8 @@ import re
 import subprocess
 import sys
 
-from pretrain import demo
-from pretrain.tracking import MLflowTracker
+from pretrain.tasks import demo
+from pretrain.tracking.tracker import MLflowTracker
 
 
 def test_pixel_baseline_row_is_its_command():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from pretrain.fewshot import BIAS_CONSTANT, L2_GRID, FeatureSet, fewshot_table, fit_ridge, sample_shots, select_l2, solve_ridge
+from pretrain.evaluation.fewshot_ridge import BIAS_CONSTANT, L2_GRID, FeatureSet, fewshot_table, fit_ridge, sample_shots, select_l2, solve_ridge
 
 
 def sklearn_predictions(x, y, x_test, num_classes, l2):

@@ -6,10 +6,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pretrain.__main__ import main as cli
-from pretrain.export import load_exported
-from pretrain.fewshot import L2_GRID
-from pretrain.fewshot_cli import evaluate_fewshot, log_fewshot
-from pretrain.tracking import MLflowTracker
+from pretrain.checkpoint.export import load_exported
+from pretrain.evaluation.fewshot_ridge import L2_GRID
+from pretrain.tasks.fewshot import evaluate_fewshot, log_fewshot
+from pretrain.tracking.tracker import MLflowTracker
 
 
 def test_features_once_per_data_set_one_l2_for_all(official, tiny_export, tracking_uri):

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from pretrain.export import save_exported
-from pretrain.features import pre_logits
+from pretrain.checkpoint.export import save_exported
+from pretrain.evaluation.features import pre_logits
 from pretrain.models import build_model
-from pretrain.weights import load_exported
+from pretrain.checkpoint.weights import load_exported
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from pretrain.export import load_exported
-from pretrain.model_registry import resolve_version
-from pretrain.model_source import local_exported
-from pretrain.tracking import MLflowTracker
+from pretrain.checkpoint.export import load_exported
+from pretrain.tracking.model_registry import resolve_version
+from pretrain.checkpoint.model_source import local_exported
+from pretrain.tracking.tracker import MLflowTracker
 
 
 def same_model(a, b) -> bool:

@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pretrain.__main__ import main as cli
-from pretrain.fewshot_cli import FewshotResults, log_fewshot
-from pretrain.report import build_report
-from pretrain.tracking import MLflowTracker
+from pretrain.tasks.fewshot import FewshotResults, log_fewshot
+from pretrain.tasks.report import build_report
+from pretrain.tracking.tracker import MLflowTracker
 
 
 def populate(uri: str) -> dict[str, str]:
@@ -87,7 +87,7 @@ def test_report_from_a_remote_mlflow_server(mlflow_server, tmp_path):
 def test_report_moves_best_alias_and_fills_the_registry(tracking_uri, tmp_path):
     """Two registered exports fine-tuned on cifar10: `best-cifar10` follows the better one as results arrive,
     and each version carries its numbers, a link to its transfer run and the table."""
-    from pretrain.tracking import MLflowTracker
+    from pretrain.tracking.tracker import MLflowTracker
 
     def export(name: str) -> MLflowTracker:
         pre = MLflowTracker(tracking_uri=tracking_uri, experiment="reg", run_name=name, tags={"stage": "pretrain"}, system_metrics=False)

@@ -1,6 +1,6 @@
 """The paper's fine-tuning recipes, and `python -m pretrain transfer` on 2 ranks with ZeRO-2 from an MLflow run.
 
-(The real-data fine-tune on digits after Fashion-MNIST pretraining is in tests/pretrain/test_train.py.)
+(The real-data fine-tune on digits after Fashion-MNIST pretraining is in tests/pretrain/tasks/test_pretrain.py.)
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import json
 import torch
 
 from pretrain.__main__ import main as cli
-from pretrain.weights import load_exported
+from pretrain.checkpoint.weights import load_exported
 from tests.pretrain.transfer.conftest import export_tiny_model
 
 

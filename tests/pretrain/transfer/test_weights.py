@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pretrain.detection.model import build_backbone
-from pretrain.features import pre_logits
-from pretrain.weights import load_exported
+from pretrain.tasks.detection.model import build_backbone
+from pretrain.evaluation.features import pre_logits
+from pretrain.checkpoint.weights import load_exported
 from tests.pretrain.transfer.conftest import export_tiny_model
 
 
