@@ -19,16 +19,17 @@ from torch.utils.data import Dataset
 
 from data_pipeline.decode import build_transform
 from data_pipeline import storage
-from pretrain.config import LoopConfig, TransferConfig, dump_config, load_config
+from pretrain.config import LoopConfig, TransferConfig, dump_config
 from pretrain.datasets import LabeledImages, dataset_spec, dev_split, load_dataset
 from pretrain.tasks.detection.data import MapBatches
-from pretrain.engine.distributed import DistInfo, init_distributed, print0, shutdown
+from pretrain.engine.distributed import DistInfo, print0
 from pretrain.evaluation import build_evaluator
 from pretrain.checkpoint.model_source import local_exported, provenance_tags
 from pretrain.objectives import build_objective
 from pretrain.engine.perf import train_flops_per_sample
 from pretrain.tracking.datasets import log_transfer_dataset
 from pretrain.tracking.tracker import Tracker, build_tracker, failing_closes, seed_stats
+from pretrain.tasks.recipe import add_recipe_arguments, run_recipe
 from pretrain.trainer import Trainer, TrainCheckpoint
 from pretrain.checkpoint.weights import load_exported
 
@@ -158,17 +159,14 @@ def run(cfg: TransferConfig, dist_info: DistInfo) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/transfer/cifar10.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model=runs:/<run id> data.root=/data/cifar")
+    add_recipe_arguments(parser, example="configs/transfer/cifar10.yaml",
+                         overrides_help="key.sub=value overrides, e.g. model=runs:/<run id> data.root=/data/cifar")
+
+
+def summary_line(cfg: TransferConfig, r: dict[str, float]) -> str:
+    return (f"transfer {cfg.data.name}: lr={r['lr']:g} top1={r['top1']:.4f} ± {r['top1/std']:.4f} "
+            f"mean_per_class={r['mean_per_class']:.4f} ± {r['mean_per_class/std']:.4f} ({len(cfg.seeds)} seeds)")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(TransferConfig, args.config, args.overrides)
-    dist_info = init_distributed()
-    try:
-        r = run(cfg, dist_info)
-        print0(f"transfer {cfg.data.name}: lr={r['lr']:g} top1={r['top1']:.4f} ± {r['top1/std']:.4f} "
-               f"mean_per_class={r['mean_per_class']:.4f} ± {r['mean_per_class/std']:.4f} ({len(cfg.seeds)} seeds)")
-    finally:
-        shutdown()
-    return 0
+    return run_recipe(TransferConfig, args, run, summary_line)

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from data_pipeline.loader import build_loader
 from data_pipeline import storage
-from pretrain.config import PretrainConfig, dump_config, load_config
-from pretrain.engine.distributed import DistInfo, init_distributed, print0, shutdown
+from pretrain.config import PretrainConfig, dump_config
+from pretrain.engine.distributed import DistInfo, print0
 from pretrain.evaluation import Evaluator, build_evaluator
 from pretrain.checkpoint.export import export_checkpoint, upload_exported
 from pretrain.models import build_model
@@ -27,7 +27,9 @@ from pretrain.engine.deepspeed_engine import build_partitioned, compile_blocks
 from pretrain.engine.perf import fused_attention, train_flops_per_sample
 from pretrain.tracking.model_registry import registered_name
 from pretrain.tracking.datasets import log_shard_datasets
+from pretrain.tracking.guard import check_reachable
 from pretrain.tracking.tracker import Tracker, build_tracker
+from pretrain.tasks.recipe import add_recipe_arguments, run_recipe
 from pretrain.trainer import Trainer
 
 
@@ -79,6 +81,7 @@ def export(cfg: PretrainConfig, trainer: Trainer, tracker: Tracker) -> None:
 
 
 def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
+    check_reachable(cfg.tracking.tracking_uri)  # every rank, before any work: all stop together
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     loader = build_loader(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, urls=cfg.data.train_urls, train=True)
     build_full_objective, build_backbone = objective_builder(cfg)
@@ -109,16 +112,8 @@ def run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/demo_fmnist.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    add_recipe_arguments(parser, example="configs/pretrain/demo_fmnist.yaml")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(PretrainConfig, args.config, args.overrides)  # fails before any work
-    dist_info = init_distributed()
-    try:
-        final = run(cfg, dist_info)
-        print0("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)))
-    finally:
-        shutdown()
-    return 0
+    return run_recipe(PretrainConfig, args, run)
