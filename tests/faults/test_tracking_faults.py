@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 import urllib.request
 
 import pytest
@@ -55,6 +56,24 @@ def test_an_unreachable_tracking_server_is_a_clear_error_at_start():
     with pytest.raises(ConnectionError, match=r"cannot reach the MLflow tracking server at http://u:\*\*\*@127.0.0.1:9 .*tracking.tracking_uri"):
         build_tracker(is_main=True, tracking_uri="http://u:secret@127.0.0.1:9", experiment="x")
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("task", ["pretrain", "detect"])
+def test_an_unreachable_tracking_server_stops_a_run_before_any_work(task, tmp_path):
+    """a recipe whose tracking server is not running (and whose data does not exist) | nothing (no data, model or engine touched) | the tracking error comes first, on every rank, before the data is opened"""
+    from pretrain.config import PretrainConfig, load_config
+    from pretrain.tasks.detection.config import DetectConfig
+    from pretrain.tasks.detection.run import run as run_detection
+    from pretrain.tasks.pretrain import run as run_pretraining
+
+    repo = Path(__file__).resolve().parents[2]
+    recipe, config_type, run, data = {
+        "pretrain": ("configs/pretrain/demo_fmnist.yaml", PretrainConfig, run_pretraining, "data.train_urls"),
+        "detect": ("configs/detect/shapes_tiny.yaml", DetectConfig, run_detection, "data.train.dir"),
+    }[task]
+    cfg = load_config(config_type, repo / recipe, [f"{data}={tmp_path}/missing", "tracking.tracking_uri=http://127.0.0.1:9"])
+    with pytest.raises(ConnectionError, match="cannot reach the MLflow tracking server at http://127.0.0.1:9"):
+        run(cfg, None)  # no process group either: nothing before the check may need one
 
 
 def test_a_tracking_server_going_away_mid_run_costs_only_its_metrics(killable_mlflow_server, caplog):

@@ -25,6 +25,7 @@ from pretrain.engine.deepspeed_engine import param_groups
 from pretrain.checkpoint.export import upload_exported
 from pretrain.evaluation import build_evaluator
 from pretrain.models.flops import flops_per_image
+from pretrain.tracking.guard import check_reachable
 from pretrain.tracking.tracker import build_tracker
 from pretrain.trainer import Trainer
 
@@ -53,6 +54,7 @@ def detection_param_groups(objective: nn.Module, optim: OptimConfig, *, backbone
 
 
 def run(cfg: DetectConfig, dist_info: DistInfo) -> dict[str, float]:
+    check_reachable(cfg.tracking.tracking_uri)  # every rank, before any work: all stop together
     torch.manual_seed(cfg.train.seed)  # same initial head on every rank
     objective, backbone_meta = build_objective(cfg)
     data = cfg.data
