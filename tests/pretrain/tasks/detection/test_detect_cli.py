@@ -16,7 +16,7 @@ from pretrain.tasks.detection.evaluate import coco_map, predict
 from pretrain.tasks.detection.export import load_detector
 from pretrain.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 TINY = REPO / "configs" / "detect" / "shapes_tiny.yaml"
 
 
