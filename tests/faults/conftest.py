@@ -96,13 +96,6 @@ def killable_s3(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> str:
     """512 real Fashion-MNIST images in 4 shards (Debian's dataset-fashion-mnist)."""
-    from data_pipeline import sources
-    from data_pipeline.writer import write_split
-    from tests.pretrain.conftest import FMNIST_ROOT
+    from tests.fixtures.fmnist import write_fmnist_shards
 
-    if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"Fashion-MNIST is missing in {FMNIST_ROOT}: run `make system-deps` (Debian's dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("shards")
-    write_split(sources.fashion_mnist(FMNIST_ROOT, "train", limit=512), out, prefix="train", split="train",
-                samples_per_shard=128, class_names=sources.FASHION_MNIST_CLASSES)
-    return f"{out}/train-{{000000..000003}}.tar"
+    return write_fmnist_shards(tmp_path_factory.mktemp("shards"), "train", images=512, per_shard=128)

@@ -15,24 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import sources
-from data_pipeline.writer import write_split
+from tests.fixtures.fmnist import write_fmnist_shards
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/pretrain/demo_fmnist.yaml"
-FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 PYTHON = sys.executable
 
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> str:
     """256 real Fashion-MNIST training images in 4 shards; returns the brace pattern."""
-    if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"Fashion-MNIST is missing in {FMNIST_ROOT}: run `make system-deps` (Debian's dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("launch_shards")
-    write_split(sources.fashion_mnist(FMNIST_ROOT, "train", limit=256), out, prefix="train", split="train",
-                samples_per_shard=64, class_names=sources.FASHION_MNIST_CLASSES)
-    return f"{out}/train-{{000000..000003}}.tar"
+    return write_fmnist_shards(tmp_path_factory.mktemp("launch_shards"), "train", images=256, per_shard=64)
 
 
 def train_overrides(shards: str, out_dir: Path, *extra: str) -> list[str]:
