@@ -34,7 +34,7 @@ from data_pipeline.permutation import IndexPermutation
 from data_pipeline.sample import Sample
 from data_pipeline.shards import count_samples
 from data_pipeline.sources import Source
-from data_pipeline.storage import OutputTarget, open_url, output_target
+from data_pipeline.storage import OutputTarget, join_url, open_url, output_target
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ def parse_size(text: str) -> int:
 def shard_name(prefix: str, k: int) -> str:
     """The file name of shard `k`: `prefix-000000.tar`, ..."""
     return f"{prefix}-{k:06d}.tar"
-
-
-def join_url(root: str | Path, name: str) -> str:
-    """`name` inside the folder `root` (a path, s3://bucket/prefix or http(s)://)."""
-    return f"{str(root).rstrip('/')}/{name}"
 
 
 _BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
